@@ -1,0 +1,276 @@
+"""The PyTorch definition of every flashdiff op (DESIGN.md decision 2).
+
+Tests, benchmarks and `flashdiff validate` compare every backend against these functions;
+no second copy of this math lives anywhere else. They favour clarity over speed.
+
+`upcast` selects the dtype the math runs in, which is also the dtype returned:
+  True        float64 (the precise reference of the tolerance rule)
+  False       the input's own dtype (the "torch in dtype d" term of the tolerance rule)
+  a dtype     that dtype (the `reference` backend uses float32, then casts back)
+
+The scheduler references are written in the textbook / diffusers form, independently of the
+coefficient builders in `flashdiff.ops.scheduler`, so a wrong coefficient is caught by tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+Scalar = Union[float, torch.Tensor]
+
+__all__ = [
+    "attention", "group_norm", "scheduler_update",
+    "ddim_step", "ddpm_step", "flow_euler_step", "dpmpp_2m_step",
+]
+
+
+def _compute_dtype(upcast, like: torch.dtype) -> torch.dtype:
+    if upcast is True:
+        return torch.float64
+    if upcast is False:
+        return like
+    return upcast
+
+
+def _scalar(v: Scalar, dtype, device) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------- attention
+def attention(q, k, v, attn_mask=None, scale=None, upcast=True):
+    """softmax(q kᵀ · scale + mask) v, per (batch, head). q [B,H,Sq,D], k/v [B,H,Skv,D].
+
+    attn_mask: bool (True = attend) or additive, broadcastable to [B, H, Sq, Skv].
+    A query row with no key left to attend outputs zeros (where torch's SDPA gives NaN).
+    """
+    dt = _compute_dtype(upcast, q.dtype)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Sq, Skv]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(dt)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return out
+
+
+# ---------------------------------------------------------------- group norm
+def _activation(y, activation):
+    if activation is None:
+        return y
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "gelu":
+        return F.gelu(y)  # exact (erf)
+    raise ValueError(f"activation must be None, 'silu' or 'gelu', got {activation!r}")
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
+               scale=None, shift=None, upcast=True):
+    """y = act(((x − mean)·rstd·weight + bias)·(1 + scale) + shift), stats per (sample, group).
+
+    x [N, C, *spatial]; weight, bias [C]; scale, shift [N, C]. Biased variance, like torch.
+    The result has x's memory format (contiguous or channels_last).
+    """
+    dt = _compute_dtype(upcast, x.dtype)
+    N, C = x.shape[:2]
+    bcast = (1, C) + (1,) * (x.dim() - 2)
+    per_sample = (N, C) + (1,) * (x.dim() - 2)
+    xg = x.to(dt).reshape(N, num_groups, -1)
+    mean = xg.mean(dim=-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * weight.to(dt).reshape(bcast)
+    if bias is not None:
+        y = y + bias.to(dt).reshape(bcast)
+    if scale is not None:
+        y = y * (1 + scale.to(dt).reshape(per_sample))
+    if shift is not None:
+        y = y + shift.to(dt).reshape(per_sample)
+    y = _activation(y, activation)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x):
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+# ---------------------------------------------------------------- scheduler updates
+# Order of the generic coefficient vector; csrc/include/flashdiff/params.h (SchedCoef) and
+# triton_kernels/scheduler.py index it the same way.
+SCHED_COEF_NAMES = (
+    "guidance", "x0_from_x", "x0_from_m", "clip",
+    "eps_from_x", "eps_from_m", "eps_from_x0",
+    "prev_from_x", "prev_from_x0", "prev_from_eps", "prev_from_noise", "prev_from_prev_x0",
+)
+
+
+def scheduler_update(sample, model_output, coefs, model_output_uncond=None, noise=None,
+                     prev_x0=None, upcast=True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The generic affine sampler update every family lowers to. Returns (prev_sample, x0).
+
+      m    = u + g·(c − u) if model_output_uncond is given, else c
+      x0   = clamp(a_x·x + a_m·m, −clip, clip)
+      eps  = e_x·x + e_m·m + e_0·x0
+      prev = p_x·x + p_0·x0 + p_e·eps + p_n·noise + p_d·prev_x0
+    """
+    dt = _compute_dtype(upcast, sample.dtype)
+    c = {name: coefs[i].to(dt) for i, name in enumerate(SCHED_COEF_NAMES)}
+    x = sample.to(dt)
+    m = model_output.to(dt)
+    if model_output_uncond is not None:
+        u = model_output_uncond.to(dt)
+        m = u + c["guidance"] * (m - u)
+    x0 = c["x0_from_x"] * x + c["x0_from_m"] * m
+    x0 = torch.maximum(torch.minimum(x0, c["clip"]), -c["clip"])
+    eps = c["eps_from_x"] * x + c["eps_from_m"] * m + c["eps_from_x0"] * x0
+    prev = c["prev_from_x"] * x + c["prev_from_x0"] * x0 + c["prev_from_eps"] * eps
+    if noise is not None:
+        prev = prev + c["prev_from_noise"] * noise.to(dt)
+    if prev_x0 is not None:
+        prev = prev + c["prev_from_prev_x0"] * prev_x0.to(dt)
+    return prev, x0
+
+
+def _guided(model_output, model_output_uncond, guidance_scale, dt):
+    m = model_output.to(dt)
+    if model_output_uncond is None:
+        return m
+    u = model_output_uncond.to(dt)
+    return u + guidance_scale * (m - u)
+
+
+def _x0_and_eps(m, x, alpha_prod_t, prediction_type):
+    """diffusers' conversion of a model output to (x0, eps) at cumulative alpha ᾱ_t."""
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return (x - beta_prod_t.sqrt() * m) / alpha_prod_t.sqrt(), m
+    if prediction_type == "sample":
+        return m, (x - alpha_prod_t.sqrt() * m) / beta_prod_t.sqrt()
+    if prediction_type == "v_prediction":
+        return (alpha_prod_t.sqrt() * x - beta_prod_t.sqrt() * m,
+                alpha_prod_t.sqrt() * m + beta_prod_t.sqrt() * x)
+    raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+
+
+def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=0.0, noise=None,
+              prediction_type="epsilon", clip_sample_range=None, use_clipped_model_output=False,
+              model_output_uncond=None, guidance_scale=1.0, upcast=True):
+    """DDIM (Song et al. 2021, eq. 12), as diffusers' DDIMScheduler.step. Returns (prev, x0)."""
+    dt = _compute_dtype(upcast, sample.dtype)
+    x = sample.to(dt)
+    a_t, a_prev = _scalar(alpha_prod_t, dt, x.device), _scalar(alpha_prod_t_prev, dt, x.device)
+    m = _guided(model_output, model_output_uncond, guidance_scale, dt)
+    x0, eps = _x0_and_eps(m, x, a_t, prediction_type)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std_dev_t = eta * variance.sqrt()
+    if use_clipped_model_output:
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    prev = a_prev.sqrt() * x0 + (1 - a_prev - std_dev_t ** 2).sqrt() * eps
+    if noise is not None:
+        prev = prev + std_dev_t * noise.to(dt)
+    return prev, x0
+
+
+def ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
+              variance_type="fixed_small", prediction_type="epsilon", clip_sample_range=None,
+              model_output_uncond=None, guidance_scale=1.0, upcast=True):
+    """DDPM ancestral step (Ho et al. 2020, eq. 6-7), as diffusers' DDPMScheduler.step.
+
+    noise=None means no noise is added (diffusers' last step, t = 0). Returns (prev, x0).
+    """
+    dt = _compute_dtype(upcast, sample.dtype)
+    x = sample.to(dt)
+    a_t, a_prev = _scalar(alpha_prod_t, dt, x.device), _scalar(alpha_prod_t_prev, dt, x.device)
+    m = _guided(model_output, model_output_uncond, guidance_scale, dt)
+    x0, _ = _x0_and_eps(m, x, a_t, prediction_type)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    current_alpha_t = a_t / a_prev
+    current_beta_t = 1 - current_alpha_t
+    prev = (a_prev.sqrt() * current_beta_t / (1 - a_t)) * x0 \
+        + (current_alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)) * x
+    if noise is not None:
+        if variance_type in ("fixed_small", "fixed_small_log"):
+            std = ((1 - a_prev) / (1 - a_t) * current_beta_t).clamp(min=1e-20).sqrt()
+        elif variance_type == "fixed_large":
+            std = current_beta_t.sqrt()
+        else:
+            raise ValueError(f"variance_type must be 'fixed_small', 'fixed_small_log' or 'fixed_large', "
+                             f"got {variance_type!r}")
+        prev = prev + std * noise.to(dt)
+    return prev, x0
+
+
+def flow_euler_step(model_output, sample, sigma, sigma_next, noise=None,
+                    model_output_uncond=None, guidance_scale=1.0, upcast=True):
+    """Flow-matching Euler step (x_t = (1 − σ)·x0 + σ·noise, model predicts the velocity).
+
+    Deterministic: prev = x + (σ_next − σ)·v. With noise (diffusers' stochastic_sampling):
+    prev = (1 − σ_next)·x0 + σ_next·noise. x0 = x − σ·v. Returns (prev, x0).
+    """
+    dt = _compute_dtype(upcast, sample.dtype)
+    x = sample.to(dt)
+    s, s_next = _scalar(sigma, dt, x.device), _scalar(sigma_next, dt, x.device)
+    v = _guided(model_output, model_output_uncond, guidance_scale, dt)
+    x0 = x - s * v
+    if noise is None:
+        return x + (s_next - s) * v, x0
+    return (1 - s_next) * x0 + s_next * noise.to(dt), x0
+
+
+def dpmpp_2m_step(model_output, sample, sigma_next, sigma, sigma_prev=None, prev_x0=None,
+                  prediction_type="epsilon", model_output_uncond=None, guidance_scale=1.0,
+                  upcast=True):
+    """DPM-Solver++(2M) (Lu et al. 2022, midpoint form), as diffusers' DPMSolverMultistepScheduler.
+
+    Sigmas are diffusers' σ = sqrt((1 − ᾱ)/ᾱ): σ_next (target), σ (current), σ_prev (previous
+    step; None or prev_x0 None = first order). Returns (prev, x0); x0 feeds the next step.
+    """
+    dt = _compute_dtype(upcast, sample.dtype)
+    x = sample.to(dt)
+
+    def alpha_sigma(s):
+        s = _scalar(s, dt, x.device)
+        alpha = 1 / (s ** 2 + 1).sqrt()
+        return alpha, s * alpha
+
+    alpha_s0, sigma_s0 = alpha_sigma(sigma)
+    alpha_t, sigma_t = alpha_sigma(sigma_next)
+    m = _guided(model_output, model_output_uncond, guidance_scale, dt)
+    if prediction_type == "epsilon":
+        x0 = (x - sigma_s0 * m) / alpha_s0
+    elif prediction_type == "sample":
+        x0 = m
+    elif prediction_type == "v_prediction":
+        x0 = alpha_s0 * x - sigma_s0 * m
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+    lambda_t = alpha_t.log() - sigma_t.log()
+    lambda_s0 = alpha_s0.log() - sigma_s0.log()
+    h = lambda_t - lambda_s0
+    phi = alpha_t * (torch.exp(-h) - 1.0)
+    prev = (sigma_t / sigma_s0) * x - phi * x0
+    if sigma_prev is not None and prev_x0 is not None:
+        alpha_s1, sigma_s1 = alpha_sigma(sigma_prev)
+        lambda_s1 = alpha_s1.log() - sigma_s1.log()
+        r0 = (lambda_s0 - lambda_s1) / h
+        d1 = (1.0 / r0) * (x0 - prev_x0.to(dt))
+        prev = prev - 0.5 * phi * d1
+    return prev, x0
