@@ -22,7 +22,7 @@ import torch.nn.functional as F
 Scalar = Union[float, torch.Tensor]
 
 __all__ = [
-    "attention", "group_norm", "scheduler_update",
+    "attention", "group_norm", "group_norm_stats", "scheduler_update",
     "ddim_step", "ddpm_step", "flow_euler_step", "dpmpp_2m_step",
 ]
 
@@ -85,10 +85,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     N, C = x.shape[:2]
     bcast = (1, C) + (1,) * (x.dim() - 2)
     per_sample = (N, C) + (1,) * (x.dim() - 2)
+    mean, rstd = group_norm_stats(x, num_groups, eps, upcast=dt)
     xg = x.to(dt).reshape(N, num_groups, -1)
-    mean = xg.mean(dim=-1, keepdim=True)
-    var = ((xg - mean) ** 2).mean(dim=-1, keepdim=True)
-    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    y = ((xg - mean[..., None]) * rstd[..., None]).reshape(x.shape)
     if weight is not None:
         y = y * weight.to(dt).reshape(bcast)
     if bias is not None:
@@ -99,6 +98,15 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
         y = y + shift.to(dt).reshape(per_sample)
     y = _activation(y, activation)
     return y.contiguous(memory_format=_memory_format(x))
+
+
+def group_norm_stats(x, num_groups, eps=1e-5, upcast=True):
+    """(mean, rstd), each [N, num_groups]: two-pass statistics with the biased variance."""
+    dt = _compute_dtype(upcast, x.dtype)
+    xg = x.to(dt).reshape(x.shape[0], num_groups, -1)
+    mean = xg.mean(dim=-1)
+    var = ((xg - mean[..., None]) ** 2).mean(dim=-1)
+    return mean, torch.rsqrt(var + eps)
 
 
 def _memory_format(x):

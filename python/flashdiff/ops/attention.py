@@ -1,0 +1,208 @@
+"""attention: softmax(q kᵀ·scale + mask) v without materializing the score matrix.
+
+Semantics of torch.nn.functional.scaled_dot_product_attention without dropout and causal
+masking. Forward FLOPs = 4·B·H·Sq·Skv·D (two matmuls); the fused kernels read q, k, v once
+per query block and write o once, so they are compute-bound beyond a few hundred keys.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext, _validate as check, reference
+from ..backends import OpDispatch, register_op
+from ._common import dtype_code, ptr, stream_of, use_custom_op
+
+MAX_HEAD_DIM = 256  # largest head-dim bucket of the fused kernels (triton, cuda)
+
+_dispatch = OpDispatch("attention")
+
+
+# ------------------------------------------------------------------ validation
+def _check_args(q, k, v, attn_mask, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check.tensor(name, t, dim=4)
+    check.same_device("q", q, k=k, v=v)
+    check.same_dtype("q", q, k=k, v=v)
+    B, H, Sq, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+        raise ValueError(f"q, k and v must share batch and heads [B, H, ., .]: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != D:
+        raise ValueError(f"k must have head_dim {D} like q, got shape {tuple(k.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have as many keys as k ({k.shape[2]}), got shape {tuple(v.shape)}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
+        check.same_device("q", q, attn_mask=attn_mask)
+        target = (B, H, Sq, k.shape[2])
+        try:
+            if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, target) != target:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Skv] = {list(target)}, "
+                             f"got shape {tuple(attn_mask.shape)}") from None
+    if scale is not None:
+        check.finite_number("scale", scale)
+
+
+def key_padding_mask(attn_mask, B, Skv):
+    """The mask as bool [B, Skv] when it only varies along batch and keys (a key-padding
+    mask, e.g. [B, 1, 1, Skv]), else None. The fused kernels take this form natively."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return None
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.shape[1] != 1 or m.shape[2] != 1:
+        return None
+    return m[:, 0, 0, :].expand(B, Skv)
+
+
+def _fused_supports(q, k, v, attn_mask, *, dtypes, min_head_dim):
+    D = q.shape[-1]
+    if q.dtype not in dtypes:
+        return f"dtype {q.dtype} is not supported (supported: {', '.join(map(str, dtypes))})"
+    if v.shape[-1] != D:
+        return f"v's head_dim {v.shape[-1]} differs from q's {D}"
+    if not (min_head_dim <= D <= MAX_HEAD_DIM):
+        return f"head_dim {D} is outside the supported range [{min_head_dim}, {MAX_HEAD_DIM}]"
+    if attn_mask is not None and key_padding_mask(attn_mask, q.shape[0], k.shape[2]) is None:
+        return ("only boolean key-padding masks (broadcastable from [B, 1, 1, Skv]) run fused; "
+                f"got {attn_mask.dtype} mask of shape {tuple(attn_mask.shape)}")
+    return None
+
+
+def _triton_supports(q, k, v, attn_mask):
+    return _fused_supports(q, k, v, attn_mask, dtypes=check.KERNEL_DTYPES, min_head_dim=16)
+
+
+def _cuda_supports(q, k, v, attn_mask):
+    # mma.sync has no fp32 operand path; fp32 attention goes to triton or torch.
+    return _fused_supports(q, k, v, attn_mask, dtypes=(torch.float16, torch.bfloat16), min_head_dim=1)
+
+
+def _resolve(q, k, v, attn_mask=None, scale=None, backend=None):
+    _check_args(q, k, v, attn_mask, scale)
+    return _dispatch.choose(backend, q.device, {"q": q, "k": k, "v": v, "attn_mask": attn_mask})
+
+
+# ------------------------------------------------------------------ backends
+# Each forward returns (o, lse); lse is fp32 [B, H, Sq] where the backend produces it, else
+# an empty tensor (the backward then recomputes through torch).
+def _no_lse(q):
+    return q.new_empty((0,), dtype=torch.float32)
+
+
+def _reference_fwd(q, k, v, attn_mask, scale):
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return reference.attention(q, k, v, attn_mask, scale, upcast=dt).to(q.dtype), _no_lse(q)
+
+
+def _cpu_fwd(q, k, v, attn_mask, scale):
+    """torch's own CPU SDPA (flash-style on CPU); fully masked rows are zeroed as the spec says."""
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        row_has_key = attn_mask.any(dim=-1, keepdim=True)
+        if not bool(row_has_key.all()):  # a host read, free on CPU tensors
+            o = o.masked_fill(~row_has_key, 0.0)
+    return o, _no_lse(q)
+
+
+def _triton_fwd(q, k, v, attn_mask, scale):
+    kpm = key_padding_mask(attn_mask, q.shape[0], k.shape[2])
+    return _ext.load_triton()[0].attention.attention_fwd(q, k, v, kpm, scale)
+
+
+def _cuda_fwd(q, k, v, attn_mask, scale):
+    module = _ext.load_cuda()[0]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    o = q.new_empty((B, H, Sq, D))
+    lse = q.new_empty((B, H, Sq), dtype=torch.float32)
+    kpm = key_padding_mask(attn_mask, B, Skv)
+    if kpm is not None:
+        kpm = kpm.to(torch.uint8).contiguous()
+    with torch.cuda.device(q.device):
+        module.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                             ptr(kpm), B, H, Sq, Skv, D,
+                             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                             0 if kpm is None else kpm.stride(0), float(scale), dtype_code(q),
+                             stream_of(q))
+    return o, lse
+
+
+_dispatch.register("reference", _reference_fwd)
+_dispatch.register("cpu", _cpu_fwd)
+_dispatch.register("triton", _triton_fwd, _triton_supports)
+_dispatch.register("cuda", _cuda_fwd, _cuda_supports)
+register_op(_dispatch, _resolve)
+
+
+# ------------------------------------------------------------------ torch.library op + autograd
+@torch.library.custom_op("flashdiff::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _dispatch.impls[backend](q, k, v, attn_mask, scale)
+    return o, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, attn_mask, scale, backend):
+    o = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse_shape = q.shape[:-1] if backend in ("triton", "cuda") else (0,)
+    return o, q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, attn_mask, o, lse)
+    ctx.config = (scale, backend)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, attn_mask, o, lse = ctx.saved_tensors
+    scale, backend = ctx.config
+    if backend == "triton":
+        kpm = key_padding_mask(attn_mask, q.shape[0], k.shape[2])
+        dq, dk, dv = _ext.load_triton()[0].attention.attention_bwd(do, q, k, v, o, lse, kpm, scale)
+    else:
+        # No native backward here: differentiate torch's SDPA (memory-efficient on GPUs).
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, scale=scale)
+            dq, dk, dv = torch.autograd.grad(out, leaves, do)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("flashdiff::attention", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ public API
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Scaled dot-product attention, fused (no dropout, not causal).
+
+    Args:
+        q: [B, H, Sq, D]; k, v: [B, H, Skv, D] (Skv may differ from Sq: cross-attention).
+            Any strides (e.g. views of a fused qkv projection); float32/float16/bfloat16.
+        attn_mask: bool (True = attend) or additive float, broadcastable to [B, H, Sq, Skv].
+            Boolean key-padding masks ([B, 1, 1, Skv]) run in the fused kernels; other masks
+            run on torch. A query with no key to attend outputs zeros.
+        scale: defaults to 1/sqrt(D).
+        backend: None/"auto", "reference", "cpu", "triton" or "cuda" (see flashdiff.explain).
+    Returns: [B, H, Sq, D] in q's dtype.
+    """
+    choice = _resolve(q, k, v, attn_mask, scale, backend)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.numel() == 0 or k.shape[2] == 0:
+        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    if use_custom_op(q, k, v):
+        return _attention_op(q, k, v, attn_mask, scale, choice.backend)[0]
+    return _dispatch.impls[choice.backend](q, k, v, attn_mask, scale)[0]

@@ -1,0 +1,354 @@
+"""Sampler updates: one fused elementwise pass per step, guidance included.
+
+Every family lowers to the generic affine update `scheduler_update` (docs/internals.md):
+
+    m    = u + g·(c − u)            (classifier-free guidance, when model_output_uncond is given)
+    x0   = clamp(a_x·x + a_m·m, ±clip)
+    eps  = e_x·x + e_m·m + e_0·x0
+    prev = p_x·x + p_0·x0 + p_e·eps + p_n·noise + p_d·prev_x0
+
+The `*_coefs` builders return its 12 coefficients (order: reference.SCHED_COEF_NAMES) from the
+schedule values. They accept Python floats (fast host math, one small host→device copy) or
+tensors of any shape on the data's device (no host read, so no sync; a [T]-shaped schedule
+gives a [T, 12] table a scheduler can precompute once). The `*_step` functions build the
+coefficients and run the update. Traffic: read x, c (+u, noise, prev_x0), write prev (+x0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from .. import _ext, _validate as check, reference
+from ..backends import OpDispatch, register_op
+from ._common import dtype_code, ptr, stream_of, use_custom_op
+
+Scalar = Union[float, torch.Tensor]
+NUM_COEFS = len(reference.SCHED_COEF_NAMES)
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+_dispatch = OpDispatch("scheduler_update")
+
+
+# ------------------------------------------------------------------ coefficient builders
+def _sqrt(v):
+    return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
+
+
+def _exp(v):
+    return v.exp() if isinstance(v, torch.Tensor) else math.exp(v)
+
+
+def _log(v):
+    return v.log() if isinstance(v, torch.Tensor) else math.log(v)
+
+
+def _as64(v):
+    return v.to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _pack(device=None, **named) -> torch.Tensor:
+    """Coefficients by name (missing = 0; clip missing = +inf) → fp32 tensor [..., 12]."""
+    named.setdefault("clip", math.inf)
+    values = [named.pop(name, 0.0) for name in reference.SCHED_COEF_NAMES]
+    if named:
+        raise ValueError(f"unknown coefficient names {sorted(named)}")
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    ref = tensors[0]
+    values = [v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=ref.device)
+              for v in values]
+    return torch.stack(torch.broadcast_tensors(*values), dim=-1).to(torch.float32)
+
+
+def _x0_eps_coefs(prediction_type, sqrt_a, sqrt_b):
+    """diffusers' x0 and eps from a model output at ᾱ (sqrt_a = √ᾱ, sqrt_b = √(1−ᾱ))."""
+    check.choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":  # x0 = (x − √(1−ᾱ)·m)/√ᾱ, eps = m
+        return dict(x0_from_x=1 / sqrt_a, x0_from_m=-sqrt_b / sqrt_a, eps_from_m=1.0)
+    if prediction_type == "sample":  # x0 = m, eps = (x − √ᾱ·m)/√(1−ᾱ)
+        return dict(x0_from_m=1.0, eps_from_x=1 / sqrt_b, eps_from_m=-sqrt_a / sqrt_b)
+    # v: x0 = √ᾱ·x − √(1−ᾱ)·v, eps = √ᾱ·v + √(1−ᾱ)·x
+    return dict(x0_from_x=sqrt_a, x0_from_m=-sqrt_b, eps_from_x=sqrt_b, eps_from_m=sqrt_a)
+
+
+def _clip(clip_sample_range):
+    if clip_sample_range is None:
+        return math.inf
+    check.finite_number("clip_sample_range", clip_sample_range, minimum=0.0)
+    return float(clip_sample_range)
+
+
+def _guidance(guidance_scale):
+    check.finite_number("guidance_scale", guidance_scale, allow_tensor=True)
+    return _as64(guidance_scale)
+
+
+def _device_of(*values):
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def _alpha(name, v, allow_one):
+    """ᾱ must be in (0, 1) ((0, 1] for the previous step); checked when it is a host number."""
+    check.finite_number(name, v, allow_tensor=True)
+    if not isinstance(v, torch.Tensor) and not (0 < v < 1 or (allow_one and v == 1)):
+        raise ValueError(f"{name} must be in (0, {'1]' if allow_one else '1)'}, got {v}")
+    return _as64(v)
+
+
+def ddim_coefs(alpha_prod_t: Scalar, alpha_prod_t_prev: Scalar, eta: Scalar = 0.0,
+               prediction_type: str = "epsilon", clip_sample_range: Optional[float] = None,
+               use_clipped_model_output: bool = False, guidance_scale: Scalar = 1.0,
+               device=None) -> torch.Tensor:
+    """DDIM (eq. 12 of Song et al.): prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·eps + σ·noise,
+    σ = eta·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev))."""
+    a_t, a_prev = _alpha("alpha_prod_t", alpha_prod_t, False), _alpha("alpha_prod_t_prev", alpha_prod_t_prev, True)
+    eta = _as64(eta)
+    sqrt_a, sqrt_b = _sqrt(a_t), _sqrt(1 - a_t)
+    c = _x0_eps_coefs(prediction_type, sqrt_a, sqrt_b)
+    if use_clipped_model_output:  # eps re-derived from the (clipped) x0
+        c.update(eps_from_x=1 / sqrt_b, eps_from_m=0.0, eps_from_x0=-sqrt_a / sqrt_b)
+    std = eta * _sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    return _pack(device or _device_of(a_t, a_prev, eta), guidance=_guidance(guidance_scale),
+                 clip=_clip(clip_sample_range), prev_from_x0=_sqrt(a_prev),
+                 prev_from_eps=_sqrt(1 - a_prev - std * std), prev_from_noise=std, **c)
+
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+def ddpm_coefs(alpha_prod_t: Scalar, alpha_prod_t_prev: Scalar, variance_type: str = "fixed_small",
+               prediction_type: str = "epsilon", clip_sample_range: Optional[float] = None,
+               guidance_scale: Scalar = 1.0, device=None) -> torch.Tensor:
+    """DDPM ancestral step (eq. 6-7 of Ho et al.): posterior mean from x0 and x_t, plus σ·noise."""
+    check.choice("variance_type", variance_type, VARIANCE_TYPES)
+    a_t, a_prev = _alpha("alpha_prod_t", alpha_prod_t, False), _alpha("alpha_prod_t_prev", alpha_prod_t_prev, True)
+    c = _x0_eps_coefs(prediction_type, _sqrt(a_t), _sqrt(1 - a_t))
+    c = {k: v for k, v in c.items() if k.startswith("x0_")}  # the DDPM mean needs no eps
+    alpha_t = a_t / a_prev
+    beta_t = 1 - alpha_t
+    if variance_type == "fixed_large":
+        std = _sqrt(beta_t)
+    else:
+        var = (1 - a_prev) / (1 - a_t) * beta_t
+        std = _sqrt(var.clamp(min=1e-20) if isinstance(var, torch.Tensor) else max(var, 1e-20))
+    return _pack(device or _device_of(a_t, a_prev), guidance=_guidance(guidance_scale),
+                 clip=_clip(clip_sample_range),
+                 prev_from_x0=_sqrt(a_prev) * beta_t / (1 - a_t),
+                 prev_from_x=_sqrt(alpha_t) * (1 - a_prev) / (1 - a_t),
+                 prev_from_noise=std, **c)
+
+
+def flow_euler_coefs(sigma: Scalar, sigma_next: Scalar, stochastic: bool = False,
+                     guidance_scale: Scalar = 1.0, device=None) -> torch.Tensor:
+    """Flow-matching Euler: prev = x + (σ_next − σ)·v; stochastic: (1−σ_next)·x0 + σ_next·noise."""
+    check.finite_number("sigma", sigma, minimum=0.0, allow_tensor=True)
+    check.finite_number("sigma_next", sigma_next, minimum=0.0, allow_tensor=True)
+    s, s_next = _as64(sigma), _as64(sigma_next)
+    c = dict(x0_from_x=1.0, x0_from_m=-s, eps_from_m=1.0)  # x0 = x − σ·v; "eps" slot holds v
+    if stochastic:
+        c.update(prev_from_x0=1 - s_next, prev_from_noise=s_next)
+    else:
+        c.update(prev_from_x=1.0, prev_from_eps=s_next - s)
+    return _pack(device or _device_of(s, s_next), guidance=_guidance(guidance_scale), **c)
+
+
+def dpmpp_2m_coefs(sigma_next: Scalar, sigma: Scalar, sigma_prev: Optional[Scalar] = None,
+                   prediction_type: str = "epsilon", guidance_scale: Scalar = 1.0,
+                   device=None) -> torch.Tensor:
+    """DPM-Solver++(2M), midpoint form, with diffusers' σ = √((1−ᾱ)/ᾱ).
+
+    With α = 1/√(σ²+1) and λ = −log σ: e^{−h} = σ_next/σ, so
+    prev = (σ_next·α_next)/(σ·α)·x − α_next(e^{−h}−1)·(x0 + (x0 − x0_prev)/(2·r0)),
+    r0 = (λ − λ_prev)/h. sigma_prev None = first order; σ_next = 0 is always first order.
+    """
+    for name, v in (("sigma_next", sigma_next), ("sigma", sigma), ("sigma_prev", sigma_prev)):
+        if v is not None:
+            check.finite_number(name, v, minimum=0.0, allow_tensor=True)
+    if not isinstance(sigma, torch.Tensor) and sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    s_t, s_0 = _as64(sigma_next), _as64(sigma)
+    alpha_t, alpha_0 = 1 / _sqrt(s_t * s_t + 1), 1 / _sqrt(s_0 * s_0 + 1)
+    c = _x0_eps_coefs(prediction_type, alpha_0, s_0 * alpha_0)
+    c = {k: v for k, v in c.items() if k.startswith("x0_")}
+    phi = alpha_t * (s_t / s_0 - 1)  # α_t(e^{−h} − 1)
+    c.update(prev_from_x=(s_t * alpha_t) / (s_0 * alpha_0), prev_from_x0=-phi)
+    if sigma_prev is not None:
+        s_1 = _as64(sigma_prev)
+        if isinstance(s_t, torch.Tensor) or isinstance(s_0, torch.Tensor) or isinstance(s_1, torch.Tensor):
+            s_t, s_0, s_1 = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64,
+                                                                      device=_device_of(s_t, s_0, s_1))
+                                                      for v in (s_t, s_0, s_1)))
+            final = s_t <= 0
+            h = _log(s_0) - _log(torch.where(final, torch.ones_like(s_t), s_t))
+            half_inv_r0 = torch.where(final, torch.zeros_like(h), 0.5 * h / (_log(s_1) - _log(s_0)))
+        else:
+            half_inv_r0 = 0.0 if s_t <= 0 else 0.5 * (_log(s_0) - _log(s_t)) / (_log(s_1) - _log(s_0))
+        c.update(prev_from_x0=-phi * (1 + half_inv_r0), prev_from_prev_x0=phi * half_inv_r0)
+    return _pack(device or _device_of(s_t, s_0), guidance=_guidance(guidance_scale), **c)
+
+
+# ------------------------------------------------------------------ validation
+def _check_args(sample, model_output, coefs, model_output_uncond, noise, prev_x0):
+    check.tensor("sample", sample)
+    if not isinstance(coefs, torch.Tensor) or coefs.shape != (NUM_COEFS,):
+        got = tuple(coefs.shape) if isinstance(coefs, torch.Tensor) else type(coefs).__name__
+        raise ValueError(f"coefs must be a tensor of shape ({NUM_COEFS},) (see flashdiff.ddim_coefs), got {got}")
+    if not coefs.is_floating_point():
+        raise TypeError(f"coefs must be floating, got {coefs.dtype}")
+    others = dict(model_output=model_output, model_output_uncond=model_output_uncond,
+                  noise=noise, prev_x0=prev_x0)
+    for name, t in others.items():
+        check.tensor(name, t, optional=name != "model_output")
+        check.shape(name, t, sample.shape, " (the shape of sample)")
+    check.same_device("sample", sample, coefs=coefs, **others)
+    check.same_dtype("sample", sample, **others)
+
+
+def _kernel_supports(sample, **_):
+    if sample.dtype not in check.KERNEL_DTYPES:
+        return f"dtype {sample.dtype} is not supported by the kernels (float32, float16, bfloat16)"
+    return None
+
+
+def _resolve(sample, model_output, coefs, model_output_uncond=None, noise=None, prev_x0=None,
+             return_x0=False, backend=None):
+    _check_args(sample, model_output, coefs, model_output_uncond, noise, prev_x0)
+    return _dispatch.choose(backend, sample.device, {"sample": sample})
+
+
+# ------------------------------------------------------------------ backends
+def _reference_fwd(sample, model_output, coefs, uncond, noise, prev_x0, return_x0):
+    dt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    prev, x0 = reference.scheduler_update(sample, model_output, coefs, uncond, noise, prev_x0, upcast=dt)
+    return prev.to(sample.dtype), x0.to(sample.dtype) if return_x0 else None
+
+
+def _flat_operands(sample, *others):
+    """The kernels treat every operand as one flat array, so all must share sample's dense
+    strides; anything else is copied to contiguous (latents almost always already are)."""
+    tensors = (sample,) + others
+    dense = sample.is_contiguous() or sample.is_contiguous(memory_format=torch.channels_last)
+    if dense and all(t is None or t.stride() == sample.stride() for t in others):
+        return tensors
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def _compiled_fwd(module, sample, model_output, coefs, uncond, noise, prev_x0, return_x0, *stream):
+    sample, model_output, uncond, noise, prev_x0 = _flat_operands(sample, model_output, uncond, noise, prev_x0)
+    coefs = coefs.to(torch.float32).contiguous()
+    prev = torch.empty_like(sample)
+    x0 = torch.empty_like(sample) if return_x0 else None
+    module.scheduler_update(sample.data_ptr(), model_output.data_ptr(), ptr(uncond), ptr(noise),
+                            ptr(prev_x0), coefs.data_ptr(), prev.data_ptr(), ptr(x0),
+                            sample.numel(), dtype_code(sample), *stream)
+    return prev, x0
+
+
+def _cpu_fwd(*args):
+    return _compiled_fwd(_ext.load_cpu()[0], *args)
+
+
+def _cuda_fwd(sample, *args):
+    with torch.cuda.device(sample.device):
+        return _compiled_fwd(_ext.load_cuda()[0], sample, *args, stream_of(sample))
+
+
+def _triton_fwd(sample, model_output, coefs, uncond, noise, prev_x0, return_x0):
+    sample, model_output, uncond, noise, prev_x0 = _flat_operands(sample, model_output, uncond, noise, prev_x0)
+    return _ext.load_triton()[0].scheduler.scheduler_update(
+        sample, model_output, coefs.to(torch.float32), uncond, noise, prev_x0, return_x0)
+
+
+_dispatch.register("reference", _reference_fwd)
+_dispatch.register("cpu", _cpu_fwd, _kernel_supports)
+_dispatch.register("cuda", _cuda_fwd, _kernel_supports)
+_dispatch.register("triton", _triton_fwd, _kernel_supports)
+register_op(_dispatch, _resolve)
+
+
+@torch.library.custom_op("flashdiff::scheduler_update", mutates_args=())
+def _scheduler_update_op(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
+                         model_output_uncond: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                         prev_x0: Optional[torch.Tensor], return_x0: bool,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    prev, x0 = _dispatch.impls[backend](sample, model_output, coefs, model_output_uncond, noise,
+                                        prev_x0, return_x0)
+    return prev, (x0 if x0 is not None else sample.new_empty((0,)))
+
+
+@_scheduler_update_op.register_fake
+def _(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x0, backend):
+    return torch.empty_like(sample), (torch.empty_like(sample) if return_x0 else sample.new_empty((0,)))
+
+
+# ------------------------------------------------------------------ public API
+def scheduler_update(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
+                     model_output_uncond: Optional[torch.Tensor] = None,
+                     noise: Optional[torch.Tensor] = None, prev_x0: Optional[torch.Tensor] = None,
+                     return_x0: bool = False, backend: Optional[str] = None):
+    """The generic fused sampler update (module docstring). coefs: [12] tensor on the data's
+    device, from one of the `*_coefs` builders (or a row of a precomputed [T, 12] table).
+    Returns prev_sample, or (prev_sample, pred_x0) when return_x0."""
+    choice = _resolve(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x0, backend)
+    if sample.numel() == 0:
+        prev = torch.empty_like(sample)
+        return (prev, torch.empty_like(sample)) if return_x0 else prev
+    if use_custom_op():
+        prev, x0 = _scheduler_update_op(sample, model_output, coefs, model_output_uncond, noise,
+                                        prev_x0, return_x0, choice.backend)
+    else:
+        prev, x0 = _dispatch.impls[choice.backend](sample, model_output, coefs, model_output_uncond,
+                                                   noise, prev_x0, return_x0)
+    return (prev, x0) if return_x0 else prev
+
+
+def _needs_noise(name, value, noise):
+    if noise is None and not isinstance(value, torch.Tensor) and value > 0:
+        raise ValueError(f"{name} = {value} > 0 adds noise: pass noise (e.g. torch.randn_like(sample))")
+
+
+def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=0.0, noise=None,
+              prediction_type="epsilon", clip_sample_range=None, use_clipped_model_output=False,
+              model_output_uncond=None, guidance_scale=1.0, return_x0=False, backend=None):
+    """One DDIM step, fused: x_{t−1} from x_t. See reference.ddim_step for the math.
+
+    alpha_prod_t / alpha_prod_t_prev: ᾱ at this and the previous timestep (floats or 0-d
+    tensors on the device). model_output_uncond + guidance_scale fuse classifier-free guidance
+    (model_output is then the conditional output). eta > 0 needs noise.
+    """
+    check.finite_number("eta", eta, minimum=0.0, allow_tensor=True)
+    _needs_noise("eta", eta, noise)
+    coefs = ddim_coefs(alpha_prod_t, alpha_prod_t_prev, eta, prediction_type, clip_sample_range,
+                       use_clipped_model_output, guidance_scale, device=sample.device)
+    return scheduler_update(sample, model_output, coefs, model_output_uncond, noise, None, return_x0, backend)
+
+
+def ddpm_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise=None,
+              variance_type="fixed_small", prediction_type="epsilon", clip_sample_range=None,
+              model_output_uncond=None, guidance_scale=1.0, return_x0=False, backend=None):
+    """One DDPM ancestral step, fused. noise=None adds no noise (the last step, t = 0)."""
+    coefs = ddpm_coefs(alpha_prod_t, alpha_prod_t_prev, variance_type, prediction_type,
+                       clip_sample_range, guidance_scale, device=sample.device)
+    return scheduler_update(sample, model_output, coefs, model_output_uncond, noise, None, return_x0, backend)
+
+
+def flow_euler_step(model_output, sample, sigma, sigma_next, noise=None, model_output_uncond=None,
+                    guidance_scale=1.0, return_x0=False, backend=None):
+    """One flow-matching Euler step, fused (model_output = velocity). With noise: the
+    stochastic variant (1 − σ_next)·x0 + σ_next·noise."""
+    coefs = flow_euler_coefs(sigma, sigma_next, noise is not None, guidance_scale, device=sample.device)
+    return scheduler_update(sample, model_output, coefs, model_output_uncond, noise, None, return_x0, backend)
+
+
+def dpmpp_2m_step(model_output, sample, sigma_next, sigma, sigma_prev=None, prev_x0=None,
+                  prediction_type="epsilon", model_output_uncond=None, guidance_scale=1.0,
+                  return_x0=True, backend=None):
+    """One DPM-Solver++(2M) step, fused. prev_x0: the x0 returned by the previous step (None
+    for the first step → first order). Returns (prev_sample, x0) by default: x0 feeds the next step."""
+    if (sigma_prev is None) != (prev_x0 is None):
+        raise ValueError("sigma_prev and prev_x0 go together: pass both (second order) or neither (first order)")
+    coefs = dpmpp_2m_coefs(sigma_next, sigma, sigma_prev, prediction_type, guidance_scale, device=sample.device)
+    return scheduler_update(sample, model_output, coefs, model_output_uncond, None, prev_x0, return_x0, backend)
