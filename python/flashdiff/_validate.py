@@ -46,11 +46,12 @@ def shape(name, t, expected, what=""):
 
 
 def finite_number(name, v, *, minimum=None, allow_tensor=False):
-    """A Python number that is finite (and >= minimum); 0-d tensors pass when allowed
-    (they stay on the device: their values are not read, so no host sync)."""
+    """A Python number that is finite (and >= minimum). Tensors pass when allowed: they stay
+    on the device and their values are not read (that would be a host sync); schedulers
+    check their tables once, on the host, when they build them."""
     if allow_tensor and isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
         return
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")

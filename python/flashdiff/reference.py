@@ -97,7 +97,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     if shift is not None:
         y = y + shift.to(dt).reshape(per_sample)
     y = _activation(y, activation)
-    return y.contiguous(memory_format=_memory_format(x))
+    return _like_layout(y, x)
 
 
 def group_norm_stats(x, num_groups, eps=1e-5, upcast=True):
@@ -109,12 +109,13 @@ def group_norm_stats(x, num_groups, eps=1e-5, upcast=True):
     return mean, torch.rsqrt(var + eps)
 
 
-def _memory_format(x):
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
+def _like_layout(y, x):
+    """y laid out like x: channels-last ([N, *spatial, C] in memory) stays channels-last."""
+    perm = (0, *range(2, x.dim()), 1)
+    if not x.is_contiguous() and x.permute(perm).is_contiguous():
+        inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        return y.permute(perm).contiguous().permute(inverse)
+    return y.contiguous()
 
 
 # ---------------------------------------------------------------- scheduler updates

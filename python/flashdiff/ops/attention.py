@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import _ext, _validate as check, reference
 from ..backends import OpDispatch, register_op
-from ._common import dtype_code, ptr, stream_of, use_custom_op
+from ._common import dtype_code, new_empty, ptr, stream_of, use_custom_op
 
 MAX_HEAD_DIM = 256  # largest head-dim bucket of the fused kernels (triton, cuda)
 
@@ -123,8 +123,8 @@ def _cuda_fwd(q, k, v, attn_mask, scale):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
-    o = q.new_empty((B, H, Sq, D))
-    lse = q.new_empty((B, H, Sq), dtype=torch.float32)
+    o = new_empty(q, (B, H, Sq, D))
+    lse = new_empty(q, (B, H, Sq), torch.float32)
     kpm = key_padding_mask(attn_mask, B, Skv)
     if kpm is not None:
         kpm = kpm.to(torch.uint8).contiguous()

@@ -16,7 +16,7 @@ import torch
 
 from .. import _ext, _validate as check, reference
 from ..backends import OpDispatch, register_op
-from ._common import dtype_code, f32, ptr, stream_of, use_custom_op
+from ._common import dtype_code, f32, new_empty, ptr, stream_of, use_custom_op
 
 ACTIVATIONS = (None, "silu", "gelu")
 _ACT_CODE = {"none": 0, "silu": 1, "gelu": 2}
@@ -77,9 +77,9 @@ def _kernel_layout(x):
 def _compiled_fwd(module, x, num_groups, weight, bias, eps, activation, scale, shift, *stream):
     xk, channels_last = _kernel_layout(x)
     N, C = x.shape[:2]
-    y = torch.empty_like(xk)
-    mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    y = new_empty(xk)
+    mean = new_empty(xk, (N, num_groups), torch.float32)
+    rstd = new_empty(mean)
     w, b, s, t = f32(weight), f32(bias), f32(scale), f32(shift)
     module.group_norm_fwd(xk.data_ptr(), y.data_ptr(), ptr(w), ptr(b), ptr(s), ptr(t),
                           mean.data_ptr(), rstd.data_ptr(), N, C, math.prod(x.shape[2:]), num_groups,

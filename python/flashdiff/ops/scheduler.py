@@ -22,7 +22,7 @@ import torch
 
 from .. import _ext, _validate as check, reference
 from ..backends import OpDispatch, register_op
-from ._common import dtype_code, ptr, stream_of, use_custom_op
+from ._common import dtype_code, new_empty, ptr, stream_of, use_custom_op
 
 Scalar = Union[float, torch.Tensor]
 NUM_COEFS = len(reference.SCHED_COEF_NAMES)
@@ -239,8 +239,8 @@ def _flat_operands(sample, *others):
 def _compiled_fwd(module, sample, model_output, coefs, uncond, noise, prev_x0, return_x0, *stream):
     sample, model_output, uncond, noise, prev_x0 = _flat_operands(sample, model_output, uncond, noise, prev_x0)
     coefs = coefs.to(torch.float32).contiguous()
-    prev = torch.empty_like(sample)
-    x0 = torch.empty_like(sample) if return_x0 else None
+    prev = new_empty(sample)
+    x0 = new_empty(sample) if return_x0 else None
     module.scheduler_update(sample.data_ptr(), model_output.data_ptr(), ptr(uncond), ptr(noise),
                             ptr(prev_x0), coefs.data_ptr(), prev.data_ptr(), ptr(x0),
                             sample.numel(), dtype_code(sample), *stream)

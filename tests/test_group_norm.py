@@ -1,0 +1,135 @@
+"""group_norm on every backend against flashdiff.reference (DESIGN.md tolerance rule)."""
+import pytest
+import torch
+
+import flashdiff
+from flashdiff import reference
+from flashdiff.testing import assert_close, poisoned_outputs
+
+from conftest import DEVICE_BACKENDS, DTYPE_IDS, DTYPES, require_backend
+
+# (shape, num_groups) with the reason each one is hostile
+SHAPES = [
+    pytest.param((2, 64, 8, 8), 32, id="sd-like"),
+    pytest.param((1, 30, 7, 11), 5, id="prime-spatial-C30-G5"),
+    pytest.param((3, 6, 1, 1), 3, id="single-pixel"),
+    pytest.param((1, 24, 13), 8, id="1d-spatial"),
+    pytest.param((2, 12, 3, 4, 5), 4, id="3d-spatial"),
+    pytest.param((1, 4, 17, 13), 1, id="one-group"),
+    pytest.param((2, 20, 5, 3), 20, id="group-per-channel"),
+    pytest.param((1, 36, 1025), 4, id="one-past-1024"),
+]
+
+
+def _inputs(shape, num_groups, dtype, device, layout, affine, modulate):
+    x = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.permute(0, *range(2, x.dim()), 1).contiguous().permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    N, C = shape[:2]
+    w = torch.randn(C, device=device).to(dtype) if affine else None
+    b = torch.randn(C, device=device).to(dtype) if affine else None
+    s = (0.5 * torch.randn(N, C, device=device)).to(dtype) if modulate else None
+    t = torch.randn(N, C, device=device).to(dtype) if modulate else None
+    return x, w, b, s, t
+
+
+def _check(device_backend, dtype, shape, num_groups, layout="contiguous", activation="silu",
+           affine=True, modulate=True):
+    device, backend = device_backend
+    require_backend(device, backend)
+    x, w, b, s, t = _inputs(shape, num_groups, dtype, device, layout, affine, modulate)
+    with poisoned_outputs():
+        y = flashdiff.group_norm(x, num_groups, w, b, 1e-5, activation, s, t, backend=backend)
+    ref = reference.group_norm(x, num_groups, w, b, 1e-5, activation, s, t, upcast=True)
+    ref_d = reference.group_norm(x, num_groups, w, b, 1e-5, activation, s, t, upcast=False)
+    assert y.dtype == dtype and y.shape == x.shape
+    if layout != "strided":
+        assert y.stride() == x.stride(), "output must keep x's memory format"
+    assert_close(y, ref, ref_d, f"{backend} {dtype} {shape} G={num_groups} {layout} {activation}")
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape, num_groups", SHAPES)
+def test_shapes(device_backend, dtype, shape, num_groups):
+    _check(device_backend, dtype, shape, num_groups)
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("shape, num_groups", [((2, 30, 7, 5), 5), ((1, 16, 3, 4, 5), 4), ((2, 8, 9), 2)],
+                         ids=["2d", "3d", "1d"])
+def test_layouts(device_backend, dtype, layout, shape, num_groups):
+    _check(device_backend, dtype, shape, num_groups, layout=layout)
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("activation", [None, "silu", "gelu"])
+@pytest.mark.parametrize("affine, modulate", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "affine", "modulated"])
+def test_options(device_backend, dtype, activation, affine, modulate):
+    _check(device_backend, dtype, (2, 24, 5, 7), 6, activation=activation, affine=affine, modulate=modulate)
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+def test_statistics_are_stable(device_backend):
+    """A large mean over a small spread: E[x²] − E[x]² in fp32 would lose every digit."""
+    device, backend = device_backend
+    require_backend(device, backend)
+    x = 1e4 + torch.randn(2, 8, 16, 16, device=device)
+    y = flashdiff.group_norm(x, 4, backend=backend)
+    ref = reference.group_norm(x, 4, upcast=True)
+    assert (y.double() - ref).abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward(device_backend, dtype):
+    device, backend = device_backend
+    require_backend(device, backend)
+    x, w, b, s, t = _inputs((2, 12, 5, 3), 3, dtype, device, "contiguous", True, True)
+    leaves = [v.detach().requires_grad_(True) for v in (x, w, b, s, t)]
+    y = flashdiff.group_norm(leaves[0], 3, *leaves[1:3], 1e-5, "silu", *leaves[3:], backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    def ref_grads(upcast):
+        ref_leaves = [v.detach().requires_grad_(True) for v in (x, w, b, s, t)]
+        out = reference.group_norm(ref_leaves[0], 3, *ref_leaves[1:3], 1e-5, "silu", *ref_leaves[3:], upcast=upcast)
+        return torch.autograd.grad(out, ref_leaves, dy.to(out.dtype))
+
+    for name, g, r, r_d in zip("x weight bias scale shift".split(), grads, ref_grads(True), ref_grads(False)):
+        assert_close(g, r, r_d, f"d{name} {backend} {dtype}")
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x: flashdiff.group_norm(x[0, 0], 4), ValueError, "x must have 3 or 4 or 5 dimensions"),
+    (lambda x: flashdiff.group_norm(x, 5), ValueError, "num_groups must be a positive divisor"),
+    (lambda x: flashdiff.group_norm(x, 0), ValueError, "num_groups"),
+    (lambda x: flashdiff.group_norm(x, 4.0), TypeError, "num_groups must be an int"),
+    (lambda x: flashdiff.group_norm(x.long(), 4), TypeError, "x must be a floating tensor"),
+    (lambda x: flashdiff.group_norm([1.0], 4), TypeError, "x must be a torch.Tensor"),
+    (lambda x: flashdiff.group_norm(x, 4, weight=torch.ones(7)), ValueError, r"weight must have shape \(8,\)"),
+    (lambda x: flashdiff.group_norm(x, 4, scale=torch.ones(8)), ValueError, r"scale must have shape \(2, 8\)"),
+    (lambda x: flashdiff.group_norm(x, 4, weight=torch.ones(8, device="meta")), ValueError, "weight is on meta"),
+    (lambda x: flashdiff.group_norm(x, 4, activation="relu"), ValueError, "activation must be one of"),
+    (lambda x: flashdiff.group_norm(x, 4, eps=float("nan")), ValueError, "eps must be finite"),
+    (lambda x: flashdiff.group_norm(x, 4, backend="tpu"), ValueError, "backend must be one of"),
+    (lambda x: flashdiff.group_norm(x, 4, backend="cuda"), NotImplementedError, "cuda backend runs on CUDA tensors"),
+    (lambda x: flashdiff.group_norm(x.double(), 4, backend="cpu"), NotImplementedError, "dtype torch.float64"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(2, 8, 3, 3))
+
+
+def test_empty_input_returns_empty():
+    x = torch.randn(0, 8, 3, 3)
+    assert flashdiff.group_norm(x, 4, activation="silu").shape == x.shape
+    x = torch.randn(2, 8, 0, 3)
+    assert flashdiff.group_norm(x, 4).shape == x.shape

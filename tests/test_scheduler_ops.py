@@ -1,0 +1,184 @@
+"""The fused sampler updates on every backend against the per-family references.
+
+The references in flashdiff.reference are written in the papers'/diffusers' form, apart from
+the coefficient builders, so these tests check the builders and the kernels together.
+"""
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashdiff
+from flashdiff import reference
+from flashdiff.testing import assert_close, poisoned_outputs
+
+from conftest import DEVICE_BACKENDS, DTYPE_IDS, DTYPES, require_backend
+
+SHAPE = (2, 4, 9, 7)  # 504 elements: not a multiple of any vector width
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+
+
+def _tensors(dtype, device, shape=SHAPE):
+    return [torch.randn(shape, device=device).to(dtype) for _ in range(5)]
+
+
+def _run_family(family, backend, x, m, u, n, d, prediction, cfg, noisy):
+    """(op output, reference args) for one family; kwargs shared by the op and its reference."""
+    guidance = dict(model_output_uncond=u, guidance_scale=4.5) if cfg else {}
+    if family == "ddim":
+        kw = dict(eta=0.6 if noisy else 0.0, noise=n if noisy else None, prediction_type=prediction,
+                  clip_sample_range=1.5, **guidance)
+        return flashdiff.ddim_step, reference.ddim_step, (m, x, 0.31, 0.55), kw
+    if family == "ddim-clipped-eps":
+        kw = dict(eta=0.3, noise=n, prediction_type=prediction, clip_sample_range=1.0,
+                  use_clipped_model_output=True, **guidance)
+        return flashdiff.ddim_step, reference.ddim_step, (m, x, 0.2, 0.9999), kw
+    if family == "ddpm":
+        kw = dict(noise=n if noisy else None, prediction_type=prediction, clip_sample_range=1.0, **guidance)
+        return flashdiff.ddpm_step, reference.ddpm_step, (m, x, 0.4, 0.62), kw
+    if family == "flow-euler":
+        kw = dict(noise=n if noisy else None, **guidance)
+        return flashdiff.flow_euler_step, reference.flow_euler_step, (m, x, 0.8, 0.65), kw
+    if family == "dpmpp-2m":
+        kw = dict(prediction_type=prediction, **guidance)
+        if noisy:  # second order, with the previous step's x0
+            kw.update(sigma_prev=2.9, prev_x0=d)
+        return flashdiff.dpmpp_2m_step, reference.dpmpp_2m_step, (m, x, 0.7, 1.6), kw
+    raise AssertionError(family)
+
+
+FAMILIES = ["ddim", "ddim-clipped-eps", "ddpm", "flow-euler", "dpmpp-2m"]
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("cfg, noisy", [(False, False), (True, True)], ids=["plain", "cfg+noise"])
+def test_family_step(device_backend, dtype, family, prediction, cfg, noisy):
+    if family == "flow-euler" and prediction != "epsilon":
+        pytest.skip("flow matching predicts a velocity only")
+    device, backend = device_backend
+    require_backend(device, backend)
+    x, m, u, n, d = _tensors(dtype, device)
+    op, ref_fn, args, kw = _run_family(family, backend, x, m, u, n, d, prediction, cfg, noisy)
+    with poisoned_outputs():
+        prev, x0 = op(*args, **kw, return_x0=True, backend=backend)
+    ref_prev, ref_x0 = ref_fn(*args, **kw, upcast=True)
+    ref_prev_d, ref_x0_d = ref_fn(*args, **kw, upcast=False)
+    label = f"{family} {prediction} {backend} {dtype} cfg={cfg} noisy={noisy}"
+    assert prev.dtype == dtype and prev.shape == x.shape
+    assert_close(prev, ref_prev, ref_prev_d, label + " prev")
+    assert_close(x0, ref_x0, ref_x0_d, label + " x0")
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (1, 4, 17, 19), (2, 4, 64, 64)],
+                         ids=["single", "tiny-odd", "prime", "sd-latent"])
+@pytest.mark.parametrize("flags", range(16), ids=lambda f: f"flags{f:04b}")
+def test_generic_update_every_flag(device_backend, shape, flags):
+    """uncond / noise / prev_x0 / x0-output each present or absent: 16 kernel variants."""
+    device, backend = device_backend
+    require_backend(device, backend)
+    x, m, u, n, d = _tensors(torch.float32, device, shape)
+    coefs = torch.randn(12, device=device)
+    coefs[3] = 0.8  # clip
+    u, n, d = (t if flags >> i & 1 else None for i, t in enumerate((u, n, d)))
+    return_x0 = bool(flags >> 3 & 1)
+    with poisoned_outputs():
+        out = flashdiff.scheduler_update(x, m, coefs, u, n, d, return_x0=return_x0, backend=backend)
+    prev, x0 = out if return_x0 else (out, None)
+    ref = reference.scheduler_update(x, m, coefs, u, n, d, upcast=True)
+    ref_d = reference.scheduler_update(x, m, coefs, u, n, d, upcast=False)
+    assert_close(prev, ref[0], ref_d[0], "prev")
+    if return_x0:
+        assert_close(x0, ref[1], ref_d[1], "x0")
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+def test_nan_propagates_through_clip(device_backend):
+    device, backend = device_backend
+    require_backend(device, backend)
+    x, m, *_ = _tensors(torch.float32, device)
+    m[0, 0, 0, 0] = float("nan")
+    prev = flashdiff.ddim_step(m, x, 0.3, 0.5, clip_sample_range=1.0, backend=backend)
+    assert torch.isnan(prev[0, 0, 0, 0]) and torch.isfinite(prev.flatten()[1:]).all()
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+def test_channels_last_and_strided_operands(device_backend):
+    device, backend = device_backend
+    require_backend(device, backend)
+    x, m, u, n, _ = _tensors(torch.float32, device, (2, 4, 6, 5))
+    x = x.contiguous(memory_format=torch.channels_last)
+    m = torch.cat([m, m], dim=-1)[..., ::2]  # strided: copied by the op
+    prev = flashdiff.ddim_step(m, x, 0.3, 0.5, eta=1.0, noise=n, model_output_uncond=u, guidance_scale=2.0,
+                               backend=backend)
+    ref, _ = reference.ddim_step(m, x, 0.3, 0.5, eta=1.0, noise=n, model_output_uncond=u, guidance_scale=2.0)
+    ref_d, _ = reference.ddim_step(m, x, 0.3, 0.5, eta=1.0, noise=n, model_output_uncond=u, guidance_scale=2.0,
+                                   upcast=False)
+    assert_close(prev, ref, ref_d, "channels_last")
+
+
+# ------------------------------------------------------------------ coefficient builders
+def test_coefficient_order_matches_the_kernels():
+    header = Path(__file__).resolve().parents[1] / "csrc" / "include" / "flashdiff" / "params.h"
+    if not header.exists():
+        pytest.skip("csrc/ not present (installed package tested out of tree)")
+    body = re.search(r"enum SchedCoef : int \{(.*?)\};", header.read_text(), re.S).group(1)
+    names = re.findall(r"\bk(\w+?)(?: = 0)?,", body)
+    snake = [re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower().replace("x0", "x0") for n in names]
+    expected = [n.replace("_", "") for n in reference.SCHED_COEF_NAMES]
+    assert [s.replace("_", "") for s in snake] == expected
+
+
+def test_tensor_schedules_build_a_table_equal_to_host_math():
+    a = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    a_prev = torch.tensor([0.5, 0.9, 1.0], dtype=torch.float64)
+    table = flashdiff.ddim_coefs(a, a_prev, eta=0.5, prediction_type="v_prediction", guidance_scale=3.0)
+    rows = [flashdiff.ddim_coefs(float(a[i]), float(a_prev[i]), eta=0.5, prediction_type="v_prediction",
+                                 guidance_scale=3.0) for i in range(3)]
+    assert table.shape == (3, 12)
+    torch.testing.assert_close(table, torch.stack(rows))
+    s = torch.tensor([3.0, 1.0, 0.5]), torch.tensor([1.0, 0.5, 0.0]), torch.tensor([6.0, 3.0, 1.0])
+    table = flashdiff.dpmpp_2m_coefs(s[1], s[0], s[2])
+    rows = [flashdiff.dpmpp_2m_coefs(float(s[1][i]), float(s[0][i]), float(s[2][i])) for i in range(3)]
+    torch.testing.assert_close(table, torch.stack(rows))
+
+
+def test_dpmpp_final_step_to_sigma_zero_returns_x0():
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    prev, x0 = flashdiff.dpmpp_2m_step(m, x, 0.0, 0.5, sigma_prev=1.0, prev_x0=torch.randn(2, 3), backend="reference")
+    torch.testing.assert_close(prev, x0)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x, m: flashdiff.ddim_step(m, x, float("nan"), 0.5), ValueError, "alpha_prod_t must be finite"),
+    (lambda x, m: flashdiff.ddim_step(m, x, 1.0, 0.5), ValueError, r"alpha_prod_t must be in \(0, 1\)"),
+    (lambda x, m: flashdiff.ddim_step(m, x, 0.3, math.inf), ValueError, "alpha_prod_t_prev must be finite"),
+    (lambda x, m: flashdiff.ddim_step(m, x, 0.3, 0.5, eta=0.5), ValueError, "pass noise"),
+    (lambda x, m: flashdiff.ddim_step(m, x, 0.3, 0.5, prediction_type="eps"), ValueError, "prediction_type"),
+    (lambda x, m: flashdiff.ddim_step(m, x, 0.3, 0.5, guidance_scale=float("nan"),
+                                      model_output_uncond=m), ValueError, "guidance_scale must be finite"),
+    (lambda x, m: flashdiff.ddim_step(m[0], x, 0.3, 0.5), ValueError, "model_output must have shape"),
+    (lambda x, m: flashdiff.ddim_step(m.half(), x, 0.3, 0.5), TypeError, "model_output has dtype"),
+    (lambda x, m: flashdiff.ddim_step(m, x.int(), 0.3, 0.5), TypeError, "sample must be a floating tensor"),
+    (lambda x, m: flashdiff.ddim_step(m, x, 0.3, 0.5, noise=x.to("meta"), eta=1.0), ValueError, "noise is on meta"),
+    (lambda x, m: flashdiff.ddpm_step(m, x, 0.3, 0.5, variance_type="learned"), ValueError, "variance_type"),
+    (lambda x, m: flashdiff.flow_euler_step(m, x, float("inf"), 0.5), ValueError, "sigma must be finite"),
+    (lambda x, m: flashdiff.dpmpp_2m_step(m, x, 0.5, 1.0, sigma_prev=2.0), ValueError, "go together"),
+    (lambda x, m: flashdiff.dpmpp_2m_step(m, x, 0.5, 0.0), ValueError, "sigma must be > 0"),
+    (lambda x, m: flashdiff.scheduler_update(x, m, torch.zeros(11)), ValueError, "coefs must be a tensor of shape"),
+    (lambda x, m: flashdiff.ddim_step(m, x, 0.3, 0.5, backend="cuda"), NotImplementedError, "CUDA tensors"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3))
+
+
+def test_empty_latents():
+    x = torch.randn(0, 4, 8, 8)
+    assert flashdiff.ddim_step(x, x, 0.3, 0.5).shape == x.shape
