@@ -1,12 +1,30 @@
-"""Load the optional compiled modules and Triton once, remembering why one is missing."""
+"""Load the optional compiled modules and Triton once, remembering why one is missing.
+
+Results live in a plain dict, not functools.lru_cache: torch.compile traces through the
+callers and would re-run an lru_cache-wrapped import inside the graph (an unsupported call).
+flashdiff/__init__ fills the cache eagerly, so a traced dispatch only reads it.
+"""
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+_CACHE: dict = {}
+
+
+def _cached(loader):
+    def wrapper():
+        if loader.__name__ not in _CACHE:
+            _CACHE[loader.__name__] = loader()
+        return _CACHE[loader.__name__]
+
+    wrapper.__name__ = loader.__name__
+    wrapper.__doc__ = loader.__doc__
+    return wrapper
 
 
 def _build_note(name: str) -> str:
@@ -21,7 +39,7 @@ def _build_note(name: str) -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+@_cached
 def load_cpu():
     """Return (module, None) or (None, reason)."""
     try:
@@ -30,7 +48,7 @@ def load_cpu():
         return None, f"flashdiff._cpu is not built ({err}){_build_note('_cpu')}"
 
 
-@functools.lru_cache(maxsize=None)
+@_cached
 def load_cuda():
     """Return (module, None) when the CUDA module is built AND a CUDA device is usable."""
     try:
@@ -43,7 +61,7 @@ def load_cuda():
     return mod, None
 
 
-@functools.lru_cache(maxsize=None)
+@_cached
 def load_cuda_module_only():
     """The CUDA module even without a device (for `flashdiff info` and import tests)."""
     try:
@@ -52,7 +70,7 @@ def load_cuda_module_only():
         return None, f"{err}{_build_note('_cuda')}"
 
 
-@functools.lru_cache(maxsize=None)
+@_cached
 def load_triton():
     """Return (flashdiff.triton_kernels, None) or (None, reason)."""
     try:
@@ -67,3 +85,11 @@ def load_triton():
 
 def triton_interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def preload(include_triton: bool) -> None:
+    """Fill the cache outside any trace (triton's import takes a second: only when useful)."""
+    load_cpu()
+    load_cuda_module_only()
+    if include_triton:
+        load_triton()

@@ -85,14 +85,11 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
             return f"the cpu backend runs on CPU tensors, inputs are on {device}"
         return _ext.load_cpu()[1]
     if backend == "triton":
-        mod, reason = _ext.load_triton()
-        if mod is None:
-            return reason
         if device.type == "cpu" and not _ext.triton_interpreter_active():
             return "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)"
         if device.type not in ("cpu", "cuda"):
             return f"triton does not run on {device}"
-        return None
+        return _ext.load_triton()[1]
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, inputs are on {device}"
@@ -170,3 +167,4 @@ def explain(op: str, *args, **kwargs) -> Choice:
 
 
 set_override(os.environ.get("FLASHDIFF_BACKEND"))
+_ext.preload(include_triton=torch.cuda.is_available() or _ext.triton_interpreter_active())

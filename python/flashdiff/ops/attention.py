@@ -149,7 +149,7 @@ register_op(_dispatch, _resolve)
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                   scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse = _dispatch.impls[backend](q, k, v, attn_mask, scale)
-    return o, lse
+    return o.contiguous(), lse  # the fake promises a contiguous output (SDPA may return views)
 
 
 @_attention_op.register_fake

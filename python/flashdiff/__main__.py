@@ -1,0 +1,5 @@
+import sys
+
+from flashdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-command handlers of the `flashdiff` CLI (one module per group; cli.py registers them)."""

@@ -1,0 +1,248 @@
+"""Benchmark shape presets named after real diffusion models (one place for the suite and the CLI).
+
+    from flashdiff import presets
+    presets.get("sd15").attention(batch=8)   # [AttentionShape(...), ...] at batch 8
+    presets.names(device="cuda")              # ['sd15', 'sdxl', 'dit-xl-256', ...]
+
+Each preset lists, per op family, the shapes that model runs at one batch size; GPU presets are
+benchmarked at batch 1 and 8 (`Preset.batches`). Shapes are per call as the model issues them
+at that batch (classifier-free guidance would double the network's batch; the sampler step
+sees the un-doubled latents and the two model outputs).
+
+Where the numbers come from:
+  sd15        SD 1.5 U-Net at 512 px: 64×64×4 latents; channels 320/640/1280 at 64²/32²/16²,
+              8 heads (head_dim 40/80/160), cross-attention to 77 CLIP tokens; GroupNorm(32)+SiLU.
+  sdxl        SDXL U-Net at 1024 px: 128×128×4 latents; attention at 64² (640 ch, 10 heads) and
+              32² (1280 ch, 20 heads), head_dim 64, cross-attention to 77 tokens.
+  dit-xl-256  DiT-XL/2 at 256 px: 32×32×4 latents, patch 2 → 256 tokens, 16 heads of 72.
+  dit-xl-512  DiT-XL/2 at 512 px: 64×64×4 latents → 1024 tokens.
+  flux-1024   FLUX.1 at 1024 px: 24 heads of 128 over 4096 image + 512 text tokens = 4608;
+              16-channel 128×128 latents, flow-matching Euler step without CFG (guidance-distilled).
+  cpu         the CPU bars of the foundation issue (norm [2,320,64,64], [1,640,32,32],
+              [2,1280,16,16]; DDIM+CFG on [2,4,64,64] and [8,4,128,128]) plus small attention.
+  tiny        seconds-long smoke test (tests, --quick sanity checks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+
+# ------------------------------------------------------------------ shape records
+@dataclass(frozen=True)
+class AttentionShape:
+    """q [B, H, Sq, D], k/v [B, H, Skv, D]."""
+    B: int
+    H: int
+    Sq: int
+    Skv: int
+    D: int
+    label: str = ""
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs: two matmuls, 2·Sq·Skv·D each, per (batch, head)."""
+        return 4 * self.B * self.H * self.Sq * self.Skv * self.D
+
+    def __str__(self) -> str:
+        kv = f"{self.Skv}" if self.Skv == self.Sq else f"{self.Skv} (cross)"
+        return f"B{self.B} H{self.H} S{self.Sq}/{kv} D{self.D}"
+
+
+@dataclass(frozen=True)
+class NormShape:
+    """x [N, C, *spatial]; GroupNorm(groups) + activation, optional per-sample scale/shift."""
+    shape: Tuple[int, ...]
+    groups: int = 32
+    activation: Optional[str] = "silu"
+    modulate: bool = False
+    label: str = ""
+
+    def __str__(self) -> str:
+        return f"{list(self.shape)} G{self.groups}" + (" +scale/shift" if self.modulate else "")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Latents of one sampler step. family: 'ddim' (epsilon, eta 0) or 'flow' (Euler, velocity)."""
+    shape: Tuple[int, ...]
+    family: str = "ddim"
+    cfg: bool = True
+    label: str = ""
+
+    def __str__(self) -> str:
+        return f"{list(self.shape)} {self.family}" + ("+cfg" if self.cfg else "")
+
+
+@dataclass(frozen=True)
+class SamplingCase:
+    """End-to-end sampling: `steps` DDIM steps with classifier-free guidance of a compact model
+    from flashdiff.models at latents [batch, *latent]."""
+    model: str
+    batch: int
+    steps: int = 50
+    latent: Tuple[int, int, int] = (4, 32, 32)
+    guidance: float = 4.0
+    label: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.model} b{self.batch} {self.steps} steps {list(self.latent)}"
+
+
+# ------------------------------------------------------------------ presets
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    device: str                      # "cuda", "cpu" or "any": where it is run by default
+    batches: Tuple[int, ...]
+    _attention: Callable[[int], List[AttentionShape]] = field(default=lambda b: [], repr=False)
+    _group_norm: Callable[[int], List[NormShape]] = field(default=lambda b: [], repr=False)
+    _scheduler: Callable[[int], List[StepShape]] = field(default=lambda b: [], repr=False)
+    _e2e: Callable[[int], List[SamplingCase]] = field(default=lambda b: [], repr=False)
+
+    def attention(self, batch: int) -> List[AttentionShape]:
+        return self._attention(batch)
+
+    def group_norm(self, batch: int) -> List[NormShape]:
+        return self._group_norm(batch)
+
+    def scheduler(self, batch: int) -> List[StepShape]:
+        return self._scheduler(batch)
+
+    def e2e(self, batch: int) -> List[SamplingCase]:
+        return self._e2e(batch)
+
+    def cases(self, op: str, batch: int) -> list:
+        return {"attention": self.attention, "group_norm": self.group_norm,
+                "scheduler": self.scheduler, "e2e": self.e2e}[op](batch)
+
+
+def _sd15_attention(b):
+    out = []
+    for s, d in ((4096, 40), (1024, 80), (256, 160)):
+        out.append(AttentionShape(b, 8, s, s, d, f"sd15 self {int(s ** .5)}² hd{d}"))
+        out.append(AttentionShape(b, 8, s, 77, d, f"sd15 cross hd{d}"))
+    return out
+
+
+def _sdxl_attention(b):
+    return [AttentionShape(b, 10, 4096, 4096, 64, "sdxl self 64²"),
+            AttentionShape(b, 10, 4096, 77, 64, "sdxl cross 64²"),
+            AttentionShape(b, 20, 1024, 1024, 64, "sdxl self 32²"),
+            AttentionShape(b, 20, 1024, 77, 64, "sdxl cross 32²")]
+
+
+def _cpu_attention(b):
+    # Small enough for a 2-core CPU: SD-like head dims at 32×32 tokens, DiT-XL/2 at 256 px.
+    return [AttentionShape(1, 8, 1024, 1024, 40, "sd15-like self 32² hd40"),
+            AttentionShape(1, 8, 1024, 77, 80, "sd15-like cross hd80"),
+            AttentionShape(1, 16, 256, 256, 72, "dit-xl-256 b1")]
+
+
+PRESETS: Dict[str, Preset] = {}
+
+
+def _add(p: Preset) -> None:
+    PRESETS[p.name] = p
+
+
+_add(Preset(
+    "sd15", "Stable Diffusion 1.5 U-Net, 512 px (64×64×4 latents)", "cuda", (1, 8),
+    _attention=_sd15_attention,
+    _group_norm=lambda b: [NormShape((b, 320, 64, 64), label="sd15 320@64²"),
+                           NormShape((b, 640, 32, 32), label="sd15 640@32²"),
+                           NormShape((b, 1280, 16, 16), label="sd15 1280@16²"),
+                           NormShape((b, 1280, 8, 8), label="sd15 1280@8²"),
+                           NormShape((b, 320, 64, 64), modulate=True, label="sd15 320@64² adagn")],
+    _scheduler=lambda b: [StepShape((b, 4, 64, 64), "ddim", True, "sd15 ddim+cfg")],
+))
+_add(Preset(
+    "sdxl", "SDXL U-Net, 1024 px (128×128×4 latents)", "cuda", (1, 8),
+    _attention=_sdxl_attention,
+    _group_norm=lambda b: [NormShape((b, 320, 128, 128), label="sdxl 320@128²"),
+                           NormShape((b, 640, 64, 64), label="sdxl 640@64²"),
+                           NormShape((b, 1280, 32, 32), label="sdxl 1280@32²")],
+    _scheduler=lambda b: [StepShape((b, 4, 128, 128), "ddim", True, "sdxl ddim+cfg")],
+))
+_add(Preset(
+    "dit-xl-256", "DiT-XL/2 at 256 px (32×32×4 latents, 256 tokens, 16 heads × 72)", "cuda", (1, 8),
+    _attention=lambda b: [AttentionShape(b, 16, 256, 256, 72, "dit-xl/2 256px")],
+    _scheduler=lambda b: [StepShape((b, 4, 32, 32), "ddim", True, "dit-xl-256 ddim+cfg")],
+))
+_add(Preset(
+    "dit-xl-512", "DiT-XL/2 at 512 px (64×64×4 latents, 1024 tokens, 16 heads × 72)", "cuda", (1, 8),
+    _attention=lambda b: [AttentionShape(b, 16, 1024, 1024, 72, "dit-xl/2 512px")],
+    _scheduler=lambda b: [StepShape((b, 4, 64, 64), "ddim", True, "dit-xl-512 ddim+cfg")],
+))
+_add(Preset(
+    "flux-1024", "FLUX.1 at 1024 px (4096 image + 512 text tokens, 24 heads × 128)", "cuda", (1, 8),
+    _attention=lambda b: [AttentionShape(b, 24, 4608, 4608, 128, "flux joint 1024px")],
+    _scheduler=lambda b: [StepShape((b, 16, 128, 128), "flow", False, "flux flow-euler")],
+))
+_add(Preset(
+    "e2e", "50-step DDIM+CFG sampling with the compact DiT-S/2, DiT-B/2 (32×32×4) and U-Net", "cuda", (1, 8),
+    _e2e=lambda b: [SamplingCase("DiT-S/2", b), SamplingCase("DiT-B/2", b), SamplingCase("unet", b)],
+))
+_add(Preset(
+    "cpu", "the foundation issue's CPU bars at SD shapes, small attention, DiT-S/2 sampling", "cpu", (1,),
+    _attention=lambda b: _cpu_attention(b),
+    _group_norm=lambda b: [NormShape((2, 320, 64, 64), label="sd15 320@64² b2"),
+                           NormShape((1, 640, 32, 32), label="sd15 640@32² b1"),
+                           NormShape((2, 1280, 16, 16), label="sd15 1280@16² b2")],
+    _scheduler=lambda b: [StepShape((2, 4, 64, 64), "ddim", True, "sd15 latents b2"),
+                          StepShape((8, 4, 128, 128), "ddim", True, "sdxl latents b8")],
+    _e2e=lambda b: [SamplingCase("DiT-S/2", 1), SamplingCase("unet", 1)],
+))
+_add(Preset(
+    "tiny", "seconds-long smoke test", "any", (1,),
+    _attention=lambda b: [AttentionShape(1, 2, 64, 64, 32, "tiny self"),
+                          AttentionShape(1, 2, 64, 7, 40, "tiny cross")],
+    _group_norm=lambda b: [NormShape((1, 32, 8, 8), groups=8, label="tiny"),
+                           NormShape((2, 16, 5, 7), groups=4, modulate=True, label="tiny adagn")],
+    _scheduler=lambda b: [StepShape((2, 4, 8, 8), "ddim", True, "tiny ddim+cfg"),
+                          StepShape((1, 16, 8, 8), "flow", False, "tiny flow")],
+    _e2e=lambda b: [SamplingCase("DiT-S/2", 1, steps=2, label="tiny")],
+))
+
+MODEL_PRESETS = ("sd15", "sdxl", "dit-xl-256", "dit-xl-512", "flux-1024")
+OPS = ("attention", "group_norm", "scheduler", "e2e")
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def names(device: Optional[str] = None) -> List[str]:
+    """Preset names run by default on `device` ("cpu" or "cuda"); all of them for None."""
+    if device is None:
+        return list(PRESETS)
+    if device == "cuda":
+        return list(MODEL_PRESETS) + ["e2e"]
+    return ["cpu"]
+
+
+def expand(preset_names: Sequence[str], op: str, batches: Optional[Sequence[int]] = None):
+    """[(preset name, batch, shape record)] for one op over the given presets and batches
+    (None = each preset's own batches)."""
+    out = []
+    for name in preset_names:
+        p = get(name)
+        for b in (batches or p.batches):
+            for case in p.cases(op, b):
+                out.append((name, b, case))
+    return out
+
+
+def describe() -> str:
+    """A listing for `flashdiff bench --list-presets`."""
+    lines = []
+    for p in PRESETS.values():
+        lines.append(f"{p.name:11s} [{p.device}; batch {', '.join(map(str, p.batches))}] {p.description}")
+        b = p.batches[-1]
+        for op in OPS:
+            for case in p.cases(op, b):
+                lines.append(f"    {op:10s} {case}")
+    return "\n".join(lines)
