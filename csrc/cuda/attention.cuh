@@ -1,0 +1,19 @@
+// Attention forward: the per-head-dim launcher declaration shared by attention.cu (dispatch)
+// and attention_hdim*.cu (one translation unit per head-dim bucket, compiled in parallel).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "api.cuh"
+
+namespace flashdiff {
+namespace cuda {
+
+// T: __half or __nv_bfloat16. kHeadDim: the bucket (32, 64, 96, 128, 160, 192, 256), >= p.D;
+// columns p.D..kHeadDim-1 are zero-filled on load and never stored. vec_ok: every pointer is
+// 16-byte aligned and D and every row/head/batch stride is a multiple of 8 elements, so tiles
+// move with 16-byte cp.async; otherwise the kernel falls back to element loads and stores.
+template <typename T, int kHeadDim>
+void run_attention_fwd(const AttentionParams& p, bool vec_ok, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace flashdiff

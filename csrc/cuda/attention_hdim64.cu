@@ -1,0 +1,10 @@
+// Attention forward, head-dim bucket 64 (fp16 and bf16). One file per bucket: the buckets
+// compile in parallel (setup.py runs one nvcc per file).
+#include "attention_kernel.cuh"
+
+namespace flashdiff {
+namespace cuda {
+template void run_attention_fwd<__half, 64>(const AttentionParams&, bool, cudaStream_t);
+template void run_attention_fwd<__nv_bfloat16, 64>(const AttentionParams&, bool, cudaStream_t);
+}  // namespace cuda
+}  // namespace flashdiff

@@ -1,0 +1,325 @@
+// FlashAttention-2-style forward kernel on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
+// fp32 accumulate). Included only by attention_hdim*.cu.
+//
+// One block = 4 warps = 64 query rows of one (batch, head); each warp owns 16 rows end to end
+// (its rows of Q, S = Q·Kᵀ, P, O), so warps only meet at the shared K and V tiles.
+// Per key block of kBlockN rows:
+//   wait K_j, sync → issue cp.async V_j → S = Q·K_jᵀ (ldmatrix + mma) → scale, mask, online
+//   softmax in fp32 with exp2 → wait V_j, sync → issue cp.async K_{j+1} → O += P·V_j.
+// so the V load overlaps Q·Kᵀ and the next K load overlaps P·V (FA2's single-buffer schedule).
+//
+// Work: 4·B·H·Sq·Skv·D FLOPs; memory: Q, O once, K and V once per 64-row query block.
+// Shared memory rows are padded by 8 elements (16 bytes), which makes the 8 row addresses of
+// every ldmatrix fall in distinct bank groups (no conflicts) without a swizzle.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "attention.cuh"
+#include "common.cuh"
+
+namespace flashdiff {
+namespace cuda {
+namespace attn {
+
+constexpr int kNWarps = 4;
+constexpr int kThreads = kNWarps * 32;
+constexpr int kBlockM = 16 * kNWarps;
+constexpr int kPad = 8;
+
+// ------------------------------------------------------------------ PTX wrappers
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  // src_bytes == 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+// d += a·b for a 16x16 (row) by 16x8 (col) tile, fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register holding two T (lo = the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// ------------------------------------------------------------------ tiles
+// Copy rows [0, kRows) x columns [0, kHeadDim) of a strided global tile into shared memory
+// (row stride kHeadDim + kPad). Rows >= rows_valid and columns >= D are zero-filled.
+template <typename T, int kRows, int kHeadDim>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int64_t rows_valid, int D,
+                                          bool vec_ok) {
+  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  constexpr int kStride = kHeadDim + kPad;
+  if (vec_ok) {  // D % 8 == 0: a chunk is entirely inside or outside the head dim
+#pragma unroll
+    for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
+      const int r = i / kChunks, col = (i % kChunks) * 8;
+      const bool valid = r < rows_valid && col < D;
+      cp_async_16(smem + r * kStride + col, valid ? gmem + r * row_stride + col : gmem, valid ? 16 : 0);
+    }
+  } else {
+    for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
+      const int r = i / kChunks, col = (i % kChunks) * 8;
+      Vec<T, 8> tmp;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        tmp.v[j] = (r < rows_valid && col + j < D) ? gmem[r * row_stride + col + j] : from_float<T>(0.f);
+      }
+      *reinterpret_cast<Vec<T, 8>*>(smem + r * kStride + col) = tmp;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ kernel
+// Grid: (ceil(Sq / kBlockM), H, B). Dynamic shared memory: (kBlockM + 2·kBlockN) rows.
+template <typename T, int kHeadDim, int kBlockN>
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p, const bool vec_ok) {
+  static_assert(kHeadDim % 32 == 0 && kBlockN % 16 == 0, "tile shapes");
+  constexpr int kStride = kHeadDim + kPad;
+  constexpr int kNTiles = kBlockN / 8;   // n-tiles of S per warp
+  constexpr int kDTiles = kHeadDim / 8;  // n-tiles of O per warp
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * kStride;
+  T* sV = sK + kBlockN * kStride;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates: row group, thread in group
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const int D = static_cast<int>(p.D);
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + m0 * p.q_stride_s;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const uint8_t* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride_b : nullptr;
+  const float scale_log2 = p.scale * 1.4426950408889634f;  // exp(x·scale) = exp2(x·scale·log2 e)
+  const int64_t n_blocks = (p.Skv + kBlockN - 1) / kBlockN;
+
+  load_tile<T, kBlockM, kHeadDim>(sQ, q, p.q_stride_s, p.Sq - m0, D, vec_ok);
+  if (n_blocks > 0) load_tile<T, kBlockN, kHeadDim>(sK, k, p.k_stride_s, p.Skv, D, vec_ok);
+  cp_async_commit();
+
+  float acc_o[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  // per thread: rows g and g + 8 of the warp's 16; max in log2 units (scores · scale · log2 e)
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this thread's columns only; reduced over the quad at the end
+
+  const T* sQw = sQ + warp * 16 * kStride;
+  for (int64_t nb = 0; nb < n_blocks; ++nb) {
+    const int64_t n0 = nb * kBlockN;
+    cp_async_wait_all();
+    __syncthreads();  // K_nb (and Q) landed; every warp is done with V_{nb-1}
+    load_tile<T, kBlockN, kHeadDim>(sV, v + n0 * p.v_stride_s, p.v_stride_s, p.Skv - n0, D, vec_ok);
+    cp_async_commit();
+
+    // ---- S = Q · K^T  (16 x kBlockN per warp)
+    float s[kNTiles][4];
+#pragma unroll
+    for (int i = 0; i < kNTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      if (kk * 16 >= D) break;  // the rest of the bucket is zero padding
+      uint32_t a[4];
+      // A fragment: lanes 0-15 address rows 0-15 at column kk·16, lanes 16-31 the same rows at +8
+      ldmatrix_x4(a, sQw + (lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; nt += 2) {
+        uint32_t bk[4];
+        // matrices: (keys nt·8.., k lo), (keys nt·8.., k hi), (keys nt·8+8.., k lo), (.., k hi)
+        ldmatrix_x4(bk, sK + (nt * 8 + (lane % 8) + (lane / 16) * 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8);
+        mma_16816<T>(s[nt], a, bk[0], bk[1]);
+        mma_16816<T>(s[nt + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    // ---- scale into log2 units, mask key tail and padding with -inf
+    const bool need_mask = (n0 + kBlockN > p.Skv) || mask != nullptr;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] *= scale_log2;
+        if (need_mask) {
+          const int64_t col = n0 + nt * 8 + 2 * t + (e & 1);
+          const bool keep = col < p.Skv && (mask == nullptr || mask[col] != 0);
+          if (!keep) s[nt][e] = -INFINITY;
+        }
+      }
+    }
+
+    // ---- online softmax; a row lives in the 4 threads of a quad (lanes 4g .. 4g+3)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // a row with no key so far keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(row_max[r] - m_use);
+      row_max[r] = mx;
+      row_sum[r] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        acc_o[dt][2 * r] *= alpha;
+        acc_o[dt][2 * r + 1] *= alpha;
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float pe = exp2f(s[nt][2 * r + j] - m_use);
+          s[nt][2 * r + j] = pe;
+          row_sum[r] += pe;
+        }
+      }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V_nb landed; every warp is done with K_nb
+    if (nb + 1 < n_blocks) {
+      load_tile<T, kBlockN, kHeadDim>(sK, k + (n0 + kBlockN) * p.k_stride_s, p.k_stride_s, p.Skv - n0 - kBlockN, D,
+                                      vec_ok);
+    }
+    cp_async_commit();
+
+    // ---- O += P · V; P's accumulator layout is the A-fragment layout of the next mma
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; dt += 2) {
+        if (dt * 8 >= D) break;  // padded head-dim columns are never stored
+        uint32_t bv[4];
+        // matrices (transposed): (keys lo, d dt), (keys hi, d dt), (keys lo, d dt+1), (keys hi, d dt+1)
+        ldmatrix_x4_trans(bv, sV + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride + dt * 8 + (lane / 16) * 8);
+        mma_16816<T>(acc_o[dt], a, bv[0], bv[1]);
+        mma_16816<T>(acc_o[dt + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+
+  // ---- epilogue: O / l, lse, store through this warp's rows of sQ (coalesced 16-byte stores)
+  // With Skv == 0 the Q copies (issued by all threads, for all warps' rows) may still be in
+  // flight: wait for ours, then for everyone's, before this warp reuses its rows of sQ.
+  cp_async_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    // fully masked row: sum == 0 -> output 0 and lse = +inf (so exp(s - lse) = 0 in a backward);
+    // NaN inputs keep NaN
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      acc_o[dt][2 * r] *= inv;
+      acc_o[dt][2 * r + 1] *= inv;
+    }
+    if (p.lse != nullptr && t == 0) {
+      const int64_t row = m0 + warp * 16 + g + 8 * r;
+      if (row < p.Sq) {
+        p.lse[(b * p.H + h) * p.Sq + row] = sum == 0.f ? INFINITY : row_max[r] * 0.6931471805599453f + logf(sum);
+      }
+    }
+  }
+  T* sO = sQ + warp * 16 * kStride;  // only this warp ever read these rows of sQ
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * kStride + dt * 8 + 2 * t) =
+          pack2<T>(acc_o[dt][2 * r], acc_o[dt][2 * r + 1]);
+    }
+  }
+  __syncwarp();
+  T* o = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+  for (int i = lane; i < 16 * kDTiles; i += 32) {
+    const int r = i / kDTiles, col = (i % kDTiles) * 8;
+    const int64_t row = m0 + warp * 16 + r;
+    if (row >= p.Sq || col >= D) continue;
+    T* dst = o + row * p.o_stride_s + col;
+    const T* src = sO + r * kStride + col;
+    if (vec_ok) {
+      *reinterpret_cast<Vec<T, 8>*>(dst) = *reinterpret_cast<const Vec<T, 8>*>(src);
+    } else {
+      for (int j = 0; j < 8 && col + j < D; ++j) dst[j] = src[j];
+    }
+  }
+}
+
+}  // namespace attn
+
+// Block shape per bucket: 64 query rows; 64 keys per step up to D = 160, 32 above (keeps the
+// fp32 O accumulator + S tile within the register file and shared memory under ~68 KB).
+template <typename T, int kHeadDim>
+void run_attention_fwd(const AttentionParams& p, bool vec_ok, cudaStream_t stream) {
+  constexpr int kBlockN = kHeadDim <= 160 ? 64 : 32;
+  constexpr size_t kSmem = static_cast<size_t>(attn::kBlockM + 2 * kBlockN) * (kHeadDim + attn::kPad) * sizeof(T);
+  auto kernel = attn::attention_fwd_kernel<T, kHeadDim, kBlockN>;
+  if (kSmem > 48 * 1024) {
+    FD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.Sq, attn::kBlockM)), static_cast<unsigned>(p.H),
+                  static_cast<unsigned>(p.B));
+  kernel<<<grid, attn::kThreads, kSmem, stream>>>(p, vec_ok);
+  FD_CHECK_LAUNCH("attention_fwd_kernel");
+}
+
+}  // namespace cuda
+}  // namespace flashdiff
