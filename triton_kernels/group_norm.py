@@ -1,0 +1,426 @@
+"""Group norm + per-sample modulation + activation, and its gradient.
+
+    y = act(((x − mean)·rstd·w + b)·(1 + scale) + shift),   stats per (sample n, group g)
+
+Vertical slice: kernels, then launchers. The math is `flashdiff.reference.group_norm`.
+
+Layout: x [N, C, *spatial] (1-3 spatial dims) is addressed as [N, C, S] through three strides
+(n, c, s), so NCHW-contiguous (s-stride 1) and channels_last (c-stride 1) share one kernel; the
+compiler vectorizes along whichever stride is 1. y has x's memory format. A layout whose spatial
+dims do not collapse to one stride is copied to contiguous first (the only copy).
+
+Parallelism: at batch 1 a diffusion U-Net has N·G = 32 groups, far too few programs for a GPU
+with 132 SMs. Each (n, g) is split along S into SPLIT chunks, one program each:
+  pass 1  `_group_norm_stats_kernel`: per chunk (count, mean, M2), tile by tile with Chan's
+          merge (numerically stable; never E[x²] − E[x]²); writes 12 B per chunk.
+  pass 2  `_group_norm_fwd_kernel`: every program combines its group's SPLIT partials (exact
+          parallel-variance formula), folds the affine + modulation into
+          y = act(x·A[n, c] + B[n, c]) and normalizes its chunk.
+Traffic: x read twice, y written once: 3 elements per element (6 B in bf16); the second read
+often hits L2. Memory-bound: the roofline is HBM bandwidth / 3 elements.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import INTERPRET, device_sms, memory_format, ncs_strides
+
+__all__ = ["group_norm_fwd", "group_norm_bwd"]
+
+_ACTIVATIONS = {None: 0, "none": 0, "silu": 1, "gelu": 2}
+
+
+# ================================================================ kernels
+@triton.jit
+def _apply_act(z, ACT: tl.constexpr):
+    if ACT == 1:    # silu: z·sigmoid(z)
+        z = z / (1.0 + tl.exp(-z))
+    elif ACT == 2:  # gelu, exact: z·Φ(z)
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz."""
+    if ACT == 1:
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        g = sig * (1.0 + z * (1.0 - sig))
+    elif ACT == 2:
+        g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:
+        g = tl.full(z.shape, 1.0, tl.float32)
+    return g
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    X, PART,
+    stride_xn, stride_xc, stride_xs,
+    S, G, Cg, S_PER_CHUNK, SPLIT,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Pass 1: (count, mean, M2) of one chunk of one (n, g).
+
+    Reads Cg·S_PER_CHUNK elements once, writes 12 B: memory-bound (HBM roofline).
+    """
+    pid_ng = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n = (pid_ng // G).to(tl.int64)
+    g = (pid_ng % G).to(tl.int64)
+    base = X + n * stride_xn + g * Cg * stride_xc
+    s_begin = chunk * S_PER_CHUNK
+    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
+
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c0 in range(0, Cg, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_valid = offs_c < Cg
+        n_c = tl.minimum(Cg - c0, BLOCK_C)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask = (offs_s < s_end)[:, None] & c_valid[None, :]
+            # read BLOCK_S·BLOCK_C elements (masked tail), accumulate in fp32
+            x = tl.load(base + offs_s[:, None].to(tl.int64) * stride_xs + offs_c[None, :] * stride_xc,
+                        mask=mask, other=0.0).to(tl.float32)
+            nb = (tl.minimum(s_end - s0, BLOCK_S) * n_c).to(tl.float32)
+            mb = tl.sum(tl.sum(x, 1), 0) / nb
+            d = tl.where(mask, x - mb, 0.0)
+            m2b = tl.sum(tl.sum(d * d, 1), 0)
+            # Chan et al.: merge (count, mean, m2) with the tile's (nb, mb, m2b)
+            total = count + nb
+            delta = mb - mean
+            frac = nb / total
+            mean = mean + delta * frac
+            m2 = m2 + m2b + delta * delta * count * frac
+            count = total
+    out = PART + (pid_ng.to(tl.int64) * SPLIT + chunk) * 3
+    tl.store(out, count)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def _group_stats(PART, pid_ng, SPLIT, eps, BLOCK_SPLIT: tl.constexpr):
+    """(mean, rstd) of one (n, g) from its SPLIT partials: exact parallel-variance combine
+    M2 = Σ M2_i + Σ n_i·(mean_i − mean)²."""
+    offs = tl.arange(0, BLOCK_SPLIT)
+    valid = offs < SPLIT
+    part = PART + (pid_ng.to(tl.int64) * SPLIT + offs) * 3
+    cnt = tl.load(part, mask=valid, other=0.0)
+    mu = tl.load(part + 1, mask=valid, other=0.0)
+    m2 = tl.load(part + 2, mask=valid, other=0.0)
+    total = tl.sum(cnt, 0)
+    mean = tl.sum(cnt * mu, 0) / total
+    d = tl.where(valid, mu - mean, 0.0)
+    var = (tl.sum(m2, 0) + tl.sum(cnt * d * d, 0)) / total
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _fold_affine(W, B, SCALE, SHIFT, n, c, c_valid, mean, rstd,
+                 stride_scn, stride_scc, stride_shn, stride_shc,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """A, B with act(x·A + B) = y, and k = 1 + scale, for channels c of sample n (fp32)."""
+    a = tl.full(c.shape, 1.0, tl.float32) * rstd
+    if HAS_W:
+        w = tl.load(W + c, mask=c_valid, other=0.0).to(tl.float32)
+        a = a * w
+    else:
+        w = tl.full(c.shape, 1.0, tl.float32)
+    b = -mean * a
+    if HAS_B:
+        b += tl.load(B + c, mask=c_valid, other=0.0).to(tl.float32)
+    k = tl.full(c.shape, 1.0, tl.float32)
+    if HAS_SCALE:
+        k += tl.load(SCALE + n * stride_scn + c * stride_scc, mask=c_valid, other=0.0).to(tl.float32)
+        a = a * k
+        b = b * k
+    if HAS_SHIFT:
+        b += tl.load(SHIFT + n * stride_shn + c * stride_shc, mask=c_valid, other=0.0).to(tl.float32)
+    return a, b, w, k
+
+
+@triton.jit
+def _group_norm_fwd_kernel(
+    X, Y, PART, W, B, SCALE, SHIFT, MEAN, RSTD,
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,
+    stride_scn, stride_scc, stride_shn, stride_shc,
+    C, S, G, Cg, S_PER_CHUNK, SPLIT, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Pass 2: combine the group's partials, then y = act(x·A[n, c] + B[n, c]) on one chunk.
+
+    Reads 12·SPLIT B of partials and Cg·S_PER_CHUNK elements, writes as many: memory-bound.
+    """
+    pid_ng = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n = (pid_ng // G).to(tl.int64)
+    g = (pid_ng % G).to(tl.int64)
+    mean, rstd = _group_stats(PART, pid_ng, SPLIT, eps, BLOCK_SPLIT)
+    if chunk == 0:
+        tl.store(MEAN + pid_ng, mean)
+        tl.store(RSTD + pid_ng, rstd)
+
+    x_base = X + n * stride_xn + g * Cg * stride_xc
+    y_base = Y + n * stride_yn + g * Cg * stride_yc
+    s_begin = chunk * S_PER_CHUNK
+    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
+    for c0 in range(0, Cg, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_valid = offs_c < Cg
+        a, b, w, k = _fold_affine(W, B, SCALE, SHIFT, n, g * Cg + offs_c, c_valid, mean, rstd,
+                                  stride_scn, stride_scc, stride_shn, stride_shc,
+                                  HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask = (offs_s < s_end)[:, None] & c_valid[None, :]
+            s64 = offs_s[:, None].to(tl.int64)
+            x = tl.load(x_base + s64 * stride_xs + offs_c[None, :] * stride_xc,
+                        mask=mask, other=0.0).to(tl.float32)
+            z = _apply_act(x * a[None, :] + b[None, :], ACT)   # one FMA + activation per element
+            tl.store(y_base + s64 * stride_ys + offs_c[None, :] * stride_yc,
+                     z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_bwd_reduce_kernel(
+    DY, X, W, B, SCALE, SHIFT, MEAN, RSTD, PART,
+    stride_dyn, stride_dyc, stride_dys,
+    stride_xn, stride_xc, stride_xs,
+    stride_scn, stride_scc, stride_shn, stride_shc,
+    N, C, S, G, Cg, S_PER_CHUNK, SPLIT,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Backward pass 1: per (n, c) and chunk, s1 = Σ_s dz and s2 = Σ_s dz·x̂, dz = dy·act'(z).
+
+    Reads dy and x once (2 elements per element), writes 8 B per (n, c, chunk): memory-bound.
+    """
+    pid_ng = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n = (pid_ng // G).to(tl.int64)
+    g = (pid_ng % G).to(tl.int64)
+    mean = tl.load(MEAN + pid_ng)
+    rstd = tl.load(RSTD + pid_ng)
+    x_base = X + n * stride_xn + g * Cg * stride_xc
+    dy_base = DY + n * stride_dyn + g * Cg * stride_dyc
+    s_begin = chunk * S_PER_CHUNK
+    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
+    for c0 in range(0, Cg, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_valid = offs_c < Cg
+        a, b, w, k = _fold_affine(W, B, SCALE, SHIFT, n, g * Cg + offs_c, c_valid, mean, rstd,
+                                  stride_scn, stride_scc, stride_shn, stride_shc,
+                                  HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+        s1 = tl.zeros([BLOCK_C], tl.float32)
+        s2 = tl.zeros([BLOCK_C], tl.float32)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask = (offs_s < s_end)[:, None] & c_valid[None, :]
+            s64 = offs_s[:, None].to(tl.int64)
+            x = tl.load(x_base + s64 * stride_xs + offs_c[None, :] * stride_xc,
+                        mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_base + s64 * stride_dys + offs_c[None, :] * stride_dyc,
+                         mask=mask, other=0.0).to(tl.float32)
+            if ACT != 0:
+                dy = dy * _act_grad(x * a[None, :] + b[None, :], ACT)
+            s1 += tl.sum(dy, 0)
+            s2 += tl.sum(dy * (x - mean) * rstd, 0)
+        # PART [2, N, C, SPLIT]
+        out = PART + ((n * C + g * Cg + offs_c) * SPLIT + chunk)
+        tl.store(out, s1, mask=c_valid)
+        tl.store(out + N * C * SPLIT, s2, mask=c_valid)
+
+
+@triton.jit
+def _group_norm_bwd_dx_kernel(
+    DY, X, DX, W, B, SCALE, SHIFT, MEAN, RSTD, C1, C2,
+    stride_dyn, stride_dyc, stride_dys,
+    stride_xn, stride_xc, stride_xs,
+    stride_dxn, stride_dxc, stride_dxs,
+    stride_scn, stride_scc, stride_shn, stride_shc,
+    S, G, Cg, S_PER_CHUNK,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Backward pass 2: dx = rstd·(dz·w·k − c1 − x̂·c2), c1/c2 = group means of dx̂ and dx̂·x̂.
+
+    Reads dy and x, writes dx: 3 elements per element, memory-bound.
+    """
+    pid_ng = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n = (pid_ng // G).to(tl.int64)
+    g = (pid_ng % G).to(tl.int64)
+    mean = tl.load(MEAN + pid_ng)
+    rstd = tl.load(RSTD + pid_ng)
+    c1 = tl.load(C1 + pid_ng)
+    c2 = tl.load(C2 + pid_ng)
+    x_base = X + n * stride_xn + g * Cg * stride_xc
+    dy_base = DY + n * stride_dyn + g * Cg * stride_dyc
+    dx_base = DX + n * stride_dxn + g * Cg * stride_dxc
+    s_begin = chunk * S_PER_CHUNK
+    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
+    for c0 in range(0, Cg, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_valid = offs_c < Cg
+        a, b, w, k = _fold_affine(W, B, SCALE, SHIFT, n, g * Cg + offs_c, c_valid, mean, rstd,
+                                  stride_scn, stride_scc, stride_shn, stride_shc,
+                                  HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+        wk = w * k
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask = (offs_s < s_end)[:, None] & c_valid[None, :]
+            s64 = offs_s[:, None].to(tl.int64)
+            x = tl.load(x_base + s64 * stride_xs + offs_c[None, :] * stride_xc,
+                        mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_base + s64 * stride_dys + offs_c[None, :] * stride_dyc,
+                         mask=mask, other=0.0).to(tl.float32)
+            if ACT != 0:
+                dy = dy * _act_grad(x * a[None, :] + b[None, :], ACT)
+            xhat = (x - mean) * rstd
+            dx = rstd * (dy * wk[None, :] - c1 - xhat * c2)
+            tl.store(dx_base + s64 * stride_dxs + offs_c[None, :] * stride_dxc,
+                     dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ================================================================ launch geometry
+def _geometry(x: torch.Tensor, NG: int, Cg: int, S: int):
+    """Tile (BLOCK_C, BLOCK_S) and split of S into chunks, so that N·G·SPLIT programs fill the
+    device (≈ 4 per SM) while each still moves enough bytes to hide its launch."""
+    block_c = min(triton.next_power_of_2(Cg), 64)
+    tile = 256 if INTERPRET else 2048                    # elements per tile (registers)
+    block_s = max(1, min(tile // block_c, triton.next_power_of_2(S)))
+    target = 4 * device_sms(x)
+    min_elems = 64 if INTERPRET else 4096                # per program: ≥ 8 KB of bf16
+    s_per = max(triton.cdiv(S, max(1, triton.cdiv(target, NG))), triton.cdiv(min_elems, Cg))
+    s_per = triton.cdiv(s_per, block_s) * block_s        # whole tiles per chunk
+    split = triton.cdiv(S, s_per)
+    if split > 1024:                                     # cap the partials one program combines
+        s_per = triton.cdiv(triton.cdiv(S, 1024), block_s) * block_s
+        split = triton.cdiv(S, s_per)
+    return block_c, block_s, s_per, split
+
+
+def _ncs(t: torch.Tensor, fmt):
+    """t and its (n, c, s) strides; copies only layouts that do not collapse to [N, C, S]."""
+    strides = ncs_strides(t)
+    if strides is None:
+        t = t.contiguous(memory_format=fmt)
+        strides = ncs_strides(t)
+    return t, strides
+
+
+def _param_strides(t):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+# ================================================================ launchers
+def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
+                   scale=None, shift=None):
+    """→ (y in x's dtype and memory format, mean fp32 [N, G], rstd fp32 [N, G])."""
+    N, C = x.shape[:2]
+    G = int(num_groups)
+    Cg = C // G
+    S = math.prod(x.shape[2:])
+    fmt = memory_format(x)
+    y = torch.empty_like(x)  # keeps dense strides, channels-last of any spatial rank included
+    mean = torch.empty((N, G), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((N, G), dtype=torch.float32, device=x.device)
+    if N * G == 0:
+        return y, mean, rstd
+    if Cg * S == 0:  # empty groups: variance 0 by convention, nothing to normalize
+        return y, mean.zero_(), rstd.fill_(1.0 / math.sqrt(eps))
+    x, xs = _ncs(x, fmt)
+    ys = ncs_strides(y)
+    block_c, block_s, s_per, split = _geometry(x, N * G, Cg, S)
+    part = torch.empty((N * G, split, 3), dtype=torch.float32, device=x.device)
+    grid = (N * G, split)
+    _group_norm_stats_kernel[grid](
+        x, part, *xs, S, G, Cg, s_per, split, BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    dummy = mean
+    _group_norm_fwd_kernel[grid](
+        x, y, part,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        scale if scale is not None else dummy, shift if shift is not None else dummy,
+        mean, rstd, *xs, *ys, *_param_strides(scale), *_param_strides(shift),
+        C, S, G, Cg, s_per, split, float(eps),
+        HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        ACT=_ACTIVATIONS[activation],
+        BLOCK_SPLIT=max(2, triton.next_power_of_2(split)), BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    return y, mean, rstd
+
+
+def group_norm_bwd(dy, x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
+                   scale=None, shift=None, mean=None, rstd=None):
+    """→ (dx, dweight, dbias, dscale, dshift); None where the input was None.
+
+    Two passes over (dy, x) plus a few [N, C]-sized torch reductions in fp32 between them
+    (the per-channel sums s1 = Σ dz, s2 = Σ dz·x̂ turn into every parameter gradient):
+      dshift = s1, dscale = w·s2 + b·s1, dbias = Σ_n k·s1, dweight = Σ_n k·s2   (k = 1 + scale)
+    """
+    N, C = x.shape[:2]
+    G = int(num_groups)
+    Cg = C // G
+    S = math.prod(x.shape[2:])
+    fmt = memory_format(x)
+    dx = torch.empty_like(x)
+    if mean is None or rstd is None:
+        _, mean, rstd = group_norm_fwd(x, G, weight, bias, eps, activation, scale, shift)
+    mean = mean.float().contiguous()
+    rstd = rstd.float().contiguous()
+    x, xs = _ncs(x, fmt)
+    dy, dys = _ncs(dy, fmt)
+    dxs = ncs_strides(dx)
+    if x.numel() == 0:
+        s1 = s2 = torch.zeros((N, C), dtype=torch.float32, device=x.device)
+    else:
+        block_c, block_s, s_per, split = _geometry(x, N * G, Cg, S)
+        part = torch.empty((2, N, C, split), dtype=torch.float32, device=x.device)
+        dummy = mean
+        params = (weight if weight is not None else dummy, bias if bias is not None else dummy,
+                  scale if scale is not None else dummy, shift if shift is not None else dummy)
+        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None,
+                     HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                     ACT=_ACTIVATIONS[activation], BLOCK_C=block_c, BLOCK_S=block_s)
+        pstrides = (*_param_strides(scale), *_param_strides(shift))
+        _group_norm_bwd_reduce_kernel[(N * G, split)](
+            dy, x, *params, mean, rstd, part, *dys, *xs, *pstrides,
+            N, C, S, G, Cg, s_per, split, **flags,
+        )
+        s1, s2 = part.sum(-1)  # [N, C] each, fp32
+    w = weight.float() if weight is not None else torch.ones(C, device=x.device)
+    k = 1.0 + scale.float() if scale is not None else torch.ones((N, C), device=x.device)
+    wk = w * k
+    count = float(max(Cg * S, 1))
+    c1 = (wk * s1).reshape(N, G, Cg).sum(-1).div_(count).contiguous()   # mean of dx̂ per group
+    c2 = (wk * s2).reshape(N, G, Cg).sum(-1).div_(count).contiguous()   # mean of dx̂·x̂
+    if x.numel() > 0:
+        _group_norm_bwd_dx_kernel[(N * G, split)](
+            dy, x, dx, *params, mean, rstd, c1, c2, *dys, *xs, *dxs, *pstrides,
+            S, G, Cg, s_per, **flags,
+        )
+    dweight = (k * s2).sum(0).to(weight.dtype) if weight is not None else None
+    dbias = (k * s1).sum(0).to(bias.dtype) if bias is not None else None
+    dscale = None
+    if scale is not None:
+        ds = w * s2
+        if bias is not None:
+            ds = ds + bias.float() * s1
+        dscale = ds.to(scale.dtype)
+    dshift = s1.to(shift.dtype) if shift is not None else None
+    return dx, dweight, dbias, dscale, dshift
