@@ -42,6 +42,12 @@ def _build_note(name: str) -> str:
 @_cached
 def load_cpu():
     """Return (module, None) or (None, reason)."""
+    # flashdiff._cpu links the system libgomp, a second OpenMP runtime beside torch's own.
+    # By default its idle threads spin for ~0.3 ms after each kernel, stealing the cores
+    # torch's next op needs (seen: a torch linear 40 ms instead of 3 ms on 2 cores). A short
+    # spin keeps back-to-back kernels fast and yields soon after. Read once, at load.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     try:
         return importlib.import_module("flashdiff._cpu"), None
     except ImportError as err:
