@@ -117,6 +117,7 @@ class OpDispatch:
         self.name = name
         self.supports: Dict[str, Callable[..., Optional[str]]] = {}
         self.impls: Dict[str, Callable] = {}
+        self._cache: Dict[tuple, Choice] = {}
 
     def register(self, backend: str, impl: Callable, supports: Callable[..., Optional[str]] = lambda **_: None):
         self.supports[backend] = supports
@@ -127,7 +128,18 @@ class OpDispatch:
             return f"{self.name} has no {backend} implementation"
         return _device_reason(backend, device) or self.supports[backend](**inputs)
 
-    def choose(self, backend: Optional[str], device: torch.device, inputs: dict) -> Choice:
+    def choose(self, backend: Optional[str], device: torch.device, inputs: dict, key=None) -> Choice:
+        """Pick the backend. `key` (a hashable of everything the supports() checks read, e.g.
+        device and dtype) memoizes the choice: the hot path at small sizes is Python overhead."""
+        if key is None or torch.compiler.is_compiling():
+            return self._choose(backend, device, inputs)
+        cache_key = (backend, _override, key)
+        choice = self._cache.get(cache_key)
+        if choice is None:
+            choice = self._cache[cache_key] = self._choose(backend, device, inputs)
+        return choice
+
+    def _choose(self, backend: Optional[str], device: torch.device, inputs: dict) -> Choice:
         if backend in (None, "auto"):
             backend = _override
         if backend is not None:

@@ -88,7 +88,9 @@ def _cuda_supports(q, k, v, attn_mask):
 
 def _resolve(q, k, v, attn_mask=None, scale=None, backend=None):
     _check_args(q, k, v, attn_mask, scale)
-    return _dispatch.choose(backend, q.device, {"q": q, "k": k, "v": v, "attn_mask": attn_mask})
+    mask_kind = None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape))
+    return _dispatch.choose(backend, q.device, {"q": q, "k": k, "v": v, "attn_mask": attn_mask},
+                            key=(q.device, q.dtype, q.shape[0], q.shape[-1], v.shape[-1], mask_kind))
 
 
 # ------------------------------------------------------------------ backends

@@ -52,7 +52,7 @@ def _kernel_supports(x, **_):
 def _resolve(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None,
              shift=None, backend=None):
     _check_args(x, num_groups, weight, bias, eps, activation, scale, shift)
-    return _dispatch.choose(backend, x.device, {"x": x})
+    return _dispatch.choose(backend, x.device, {"x": x}, key=(x.device, x.dtype))
 
 
 # ------------------------------------------------------------------ backends

@@ -193,6 +193,12 @@ def dpmpp_2m_coefs(sigma_next: Scalar, sigma: Scalar, sigma_prev: Optional[Scala
 # ------------------------------------------------------------------ validation
 def _check_args(sample, model_output, coefs, model_output_uncond, noise, prev_x0):
     check.tensor("sample", sample)
+    operands = (model_output, model_output_uncond, noise, prev_x0)
+    if (type(coefs) is torch.Tensor and coefs.shape == (NUM_COEFS,) and coefs.dtype == torch.float32
+            and coefs.device == sample.device and model_output is not None
+            and all(t is None or (type(t) is torch.Tensor and t.shape == sample.shape and t.dtype == sample.dtype
+                                  and t.device == sample.device) for t in operands)):
+        return  # the common case, checked in one pass (this op runs every sampler step)
     if not isinstance(coefs, torch.Tensor) or coefs.shape != (NUM_COEFS,):
         got = tuple(coefs.shape) if isinstance(coefs, torch.Tensor) else type(coefs).__name__
         raise ValueError(f"coefs must be a tensor of shape ({NUM_COEFS},) (see flashdiff.ddim_coefs), got {got}")
@@ -216,7 +222,7 @@ def _kernel_supports(sample, **_):
 def _resolve(sample, model_output, coefs, model_output_uncond=None, noise=None, prev_x0=None,
              return_x0=False, backend=None):
     _check_args(sample, model_output, coefs, model_output_uncond, noise, prev_x0)
-    return _dispatch.choose(backend, sample.device, {"sample": sample})
+    return _dispatch.choose(backend, sample.device, {"sample": sample}, key=(sample.device, sample.dtype))
 
 
 # ------------------------------------------------------------------ backends
@@ -238,7 +244,7 @@ def _flat_operands(sample, *others):
 
 def _compiled_fwd(module, sample, model_output, coefs, uncond, noise, prev_x0, return_x0, *stream):
     sample, model_output, uncond, noise, prev_x0 = _flat_operands(sample, model_output, uncond, noise, prev_x0)
-    coefs = coefs.to(torch.float32).contiguous()
+    coefs = coefs if coefs.dtype == torch.float32 and coefs.is_contiguous() else coefs.to(torch.float32).contiguous()
     prev = new_empty(sample)
     x0 = new_empty(sample) if return_x0 else None
     module.scheduler_update(sample.data_ptr(), model_output.data_ptr(), ptr(uncond), ptr(noise),

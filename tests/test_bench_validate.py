@@ -1,0 +1,193 @@
+"""`flashdiff validate` and `flashdiff bench` on this machine (fast, CPU).
+
+validate must pass on the usable backends and must fail when a backend is broken (wrong
+values, slightly wrong values, unwritten outputs); bench --quick on the tiny preset must write
+valid JSON with the baselines, ratios and ceilings; device_run.sh must stop at once without a GPU.
+"""
+import argparse
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashdiff
+from flashdiff import bench, presets, validate
+from flashdiff.backends import REGISTRY
+from flashdiff.commands.bench_validate import add_bench_parser, add_validate_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+# Validate the backends native to the CPU (the Triton interpreter has its own tests and is slow).
+CPU_BACKENDS = ["reference", "cpu"]
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="flashdiff")
+    sub = parser.add_subparsers(dest="command")
+    add_bench_parser(sub)
+    add_validate_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _need_cpu_backend():
+    reason = flashdiff.backend_status()["cpu"]
+    if reason is not None:
+        pytest.skip(f"cpu backend unavailable: {reason}")
+
+
+# ------------------------------------------------------------------ validate
+def test_validate_passes_on_this_machines_backends(tmp_path, capsys):
+    out = tmp_path / "validate.json"
+    rc = _cli(["validate", "--cases", "1", "--seed", "7", "--backend", *CPU_BACKENDS, "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "OK:" in text and "ratio" in text and "seed 7" in text
+    data = json.loads(out.read_text())
+    assert data["status"] == 0 and data["seed"] == 7
+    assert {c["op"] for c in data["checks"]} == set(validate.OPS)
+    assert all(c["status"] in ("pass", "declined") for c in data["checks"])
+    assert any(c["status"] == "pass" and c["backend"] == "reference" for c in data["checks"])
+
+
+def _broken(kind, original):
+    def impl(x, *args):
+        y, mean, rstd = original(x, *args)
+        if kind == "garbage":
+            y = torch.randn_like(y) * 100
+        elif kind == "slightly-off":  # 1 % too large: far outside the fp32 bound, near the bf16 one
+            y = y * 1.01
+        elif kind == "unwritten":  # an output the kernel "forgot" to write (NaN under poisoning)
+            from flashdiff.ops import _common
+
+            y = _common.new_empty(y)
+        return y, mean, rstd
+    return impl
+
+
+@pytest.mark.parametrize("kind", ["garbage", "slightly-off", "unwritten"])
+def test_validate_fails_when_a_backend_is_broken(monkeypatch, kind):
+    _need_cpu_backend()
+    dispatch = REGISTRY["group_norm"][0]
+    monkeypatch.setitem(dispatch.impls, "cpu", _broken(kind, dispatch.impls["cpu"]))
+    buf = io.StringIO()
+    status, checks = validate.run(ops=["group_norm"], backends=["cpu"], dtypes=["fp32"], cases=2,
+                                  seed=3, verbose=False, out=buf)
+    assert status == 1, buf.getvalue()
+    assert "FAILED" in buf.getvalue()
+    assert all(c.status == "FAIL" for c in checks), [(c.status, c.detail) for c in checks]
+
+
+def test_validate_reports_a_crashing_backend(monkeypatch):
+    _need_cpu_backend()
+    dispatch = REGISTRY["scheduler_update"][0]
+
+    def crash(*args):
+        raise RuntimeError("boom")
+    monkeypatch.setitem(dispatch.impls, "cpu", crash)
+    status, checks = validate.run(ops=["scheduler"], backends=["cpu"], dtypes=["bf16"], cases=1,
+                                  seed=1, verbose=False, out=io.StringIO())
+    assert status == 1 and checks[0].status == "error" and "boom" in checks[0].detail
+
+
+def test_validate_exit_status_through_the_cli(monkeypatch, capsys):
+    _need_cpu_backend()
+    dispatch = REGISTRY["attention"][0]
+    original = dispatch.impls["cpu"]
+    monkeypatch.setitem(dispatch.impls, "cpu", lambda *a: (original(*a)[0].flip(-1), original(*a)[1]))
+    rc = _cli(["validate", "--op", "attention", "--backend", "cpu", "--dtype", "fp32", "--cases", "2",
+               "--seed", "5", "--quiet"])
+    assert rc == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ bench
+def test_bench_quick_tiny_writes_valid_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = _cli(["bench", "--quick", "--preset", "tiny", "--op", "attention", "group_norm", "scheduler",
+               "--device", "cpu", "--no-compile", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    for header in ("== attention (TFLOP/s", "== group_norm (GB/s", "== scheduler (GB/s", "median ms (q20–q80)"):
+        assert header in printed
+    data = json.loads(out.read_text())
+    assert data["schema"] == bench.SCHEMA
+    meta = data["meta"]
+    for key in ("date", "git_commit", "cpu", "torch", "triton", "device", "backends"):
+        assert key in meta
+    assert meta["device"] == "cpu" and meta["quick"] is True
+    c = data["ceilings"]
+    assert c["copy_gbps"] > 0 and c["matmul_tflops"] > 0 and c["matmul_dtype"] == "fp32"
+    timed = [r for r in data["results"] if "median_ms" in r]
+    assert timed, data["results"]
+    for r in timed:
+        assert 0 < r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
+        assert r["value"] > 0 and r["metric"] in ("GB/s", "TFLOP/s")
+        if r["role"] != "copy":
+            assert r["speedup_vs_best_baseline"] > 0 and r["best_baseline"]
+    by_op = {op: [r for r in timed if r["op"] == op] for op in ("attention", "group_norm", "scheduler")}
+    assert {r["backend"] for r in by_op["group_norm"]} >= {"torch eager", "copy"}
+    assert {r["backend"] for r in by_op["scheduler"]} >= {"torch eager"}
+    assert any(r["backend"] == "sdpa" for r in by_op["attention"])
+    if flashdiff.backend_status()["cpu"] is None:
+        ours = [r for r in timed if r["role"] == "flashdiff"]
+        assert ours and all(r.get("check") == "ok" for r in ours)
+        assert all("time_vs_copy" in r for r in by_op["group_norm"] if r["role"] == "flashdiff")
+    # the Markdown summary and the README table come from the same file
+    assert "| group_norm |" in bench.summary_markdown(data)
+    spec = importlib.util.spec_from_file_location("fd_plot", ROOT / "benchmarks" / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    table = plot.readme_table(plot.load([str(out)]))
+    assert "| op | shape |" in table and "commit" in table
+
+
+def test_bench_flags_a_backend_whose_output_is_wrong(monkeypatch, tmp_path):
+    _need_cpu_backend()
+    dispatch = REGISTRY["scheduler_update"][0]
+    original = dispatch.impls["cpu"]
+    monkeypatch.setitem(dispatch.impls, "cpu", lambda *a: (original(*a)[0] * 2, None))
+    rc = _cli(["bench", "--quick", "--preset", "tiny", "--op", "scheduler", "--dtype", "fp32",
+               "--device", "cpu", "--no-compile", "--json", str(tmp_path / "b.json")])
+    assert rc == 1
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert any(r.get("check") == "MISMATCH" for r in data["results"])
+
+
+def test_e2e_with_a_missing_model_is_skipped_with_a_reason():
+    compiler = bench._Compiler(False, "default", 0.0)
+    case = bench.e2e_cases("t", 1, presets.SamplingCase("DiT-does-not-exist", 1, steps=1), torch.float32,
+                           "cpu", ["cpu"], compiler)
+    records = bench._run_case(case, "cpu", bench.BenchOptions(quick=True), {}, lambda msg: None)
+    assert records and all("DiT-does-not-exist" in r["skipped"] for r in records)
+
+
+def test_presets_cover_the_models_at_batch_1_and_8():
+    for name in presets.MODEL_PRESETS:
+        p = presets.get(name)
+        assert set(p.batches) == {1, 8}
+        for b in (1, 8):
+            assert p.attention(b) and all(s.B == b for s in p.attention(b))
+    assert presets.AttentionShape(2, 3, 5, 7, 11).flops == 4 * 2 * 3 * 5 * 7 * 11
+    assert {s.D for s in presets.get("sd15").attention(1)} == {40, 80, 160}
+    assert any(s.Skv == 77 for s in presets.get("sdxl").attention(8))
+    cpu = presets.get("cpu")
+    assert [s.shape for s in cpu.group_norm(1)] == [(2, 320, 64, 64), (1, 640, 32, 32), (2, 1280, 16, 16)]
+    assert [s.shape for s in cpu.scheduler(1)] == [(2, 4, 64, 64), (8, 4, 128, 128)]
+    with pytest.raises(ValueError, match="preset must be one of"):
+        presets.get("sd3")
+
+
+# ------------------------------------------------------------------ device_run.sh
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi")
+def test_device_run_fails_fast_without_a_gpu(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_run.sh")], capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert proc.returncode == 3
+    assert "no NVIDIA GPU" in proc.stderr
+    assert not (tmp_path / "out").exists()
