@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 
 from . import reference
 from .backends import available_backends, backend_status, explain, set_override
+from .patch import (
+    PatchReport, disable_sdpa_override, enable_sdpa_override, patch, patched, sdpa_override, unpatch,
+)
 from .ops import (
     attention, ddim_coefs, ddim_step, ddpm_coefs, ddpm_step, dpmpp_2m_coefs, dpmpp_2m_step,
     flow_euler_coefs, flow_euler_step, group_norm, scheduler_update,
@@ -23,5 +26,6 @@ __all__ = [
     "attention", "group_norm", "scheduler_update",
     "ddim_step", "ddpm_step", "flow_euler_step", "dpmpp_2m_step",
     "ddim_coefs", "ddpm_coefs", "flow_euler_coefs", "dpmpp_2m_coefs",
-    "reference", "available_backends", "backend_status", "explain", "set_override",
+    "patch", "unpatch", "patched", "PatchReport", "enable_sdpa_override", "disable_sdpa_override",
+    "sdpa_override", "reference", "available_backends", "backend_status", "explain", "set_override",
 ]

@@ -228,6 +228,7 @@ def _fused_resnet_class():
                 # (N, C, 1, 1) -> (N, C); a temb broadcast over the batch is expanded to N rows
                 scale = time_scale.reshape(time_scale.shape[0], -1).expand(n, -1).contiguous()
                 shift = time_shift.reshape(time_shift.shape[0], -1).expand(n, -1).contiguous()
+            # any other time_embedding_norm: plain norm2, as diffusers' else-branch
             hidden_states = _group_norm_call(hidden_states, n2.num_groups, n2.weight, n2.bias, n2.eps, act,
                                              scale, shift, backend=backend)
 
@@ -253,8 +254,6 @@ def _resnet_fusion_reason(block) -> Optional[str]:
             return f"{name} is {type(m).__name__}, not torch.nn.GroupNorm"
     if _activation_name(block.nonlinearity) is None:
         return f"nonlinearity {block.nonlinearity!r} is not a fusable SiLU/GELU"
-    if block.time_embedding_norm not in ("default", "scale_shift"):
-        return f"time_embedding_norm={block.time_embedding_norm!r}"
     for m in (block, block.norm1, block.norm2, block.nonlinearity):
         if _has_hooks(m):
             return f"{type(m).__name__} has forward hooks, which the fused pass would skip"
@@ -509,7 +508,8 @@ def _patch_group_norms(root: nn.Module, prefix: str, backend, state: _State, rep
             _swap(state, occ, norm, FlashGroupNorm.from_group_norm(norm, act, backend))
             _swap(state, occ, act_mod, nn.Identity())
             done.add(id(norm))
-            report.replaced.append((f"group_norm+{act}", where, f"GroupNorm + {act_name} ({type(act_mod).__name__}) fused"))
+            report.replaced.append((f"group_norm+{act}", where,
+                                    f"GroupNorm + {act_name} ({type(act_mod).__name__}) fused"))
 
     # 3. every other GroupNorm.
     for path, m in modules:

@@ -16,6 +16,10 @@ from .. import _ext, _validate as check, reference
 from ..backends import OpDispatch, register_op
 from ._common import dtype_code, new_empty, ptr, stream_of, use_custom_op
 
+# torch's own SDPA, captured at import: flashdiff.enable_sdpa_override() replaces the public
+# name, and the cpu backend and the fallback backward must not re-enter that override.
+_torch_sdpa = F.scaled_dot_product_attention
+
 MAX_HEAD_DIM = 256  # largest head-dim bucket of the fused kernels (triton, cuda)
 
 _dispatch = OpDispatch("attention")
@@ -107,7 +111,7 @@ def _reference_fwd(q, k, v, attn_mask, scale):
 
 def _cpu_fwd(q, k, v, attn_mask, scale):
     """torch's own CPU SDPA (flash-style on CPU); fully masked rows are zeroed as the spec says."""
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    o = _torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         row_has_key = attn_mask.any(dim=-1, keepdim=True)
         if not bool(row_has_key.all()):  # a host read, free on CPU tensors
@@ -178,7 +182,7 @@ def _backward(ctx, do, _dlse):
         # No native backward here: differentiate torch's SDPA (memory-efficient on GPUs).
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         with torch.enable_grad():
-            out = F.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, scale=scale)
+            out = _torch_sdpa(*leaves, attn_mask=attn_mask, scale=scale)
             dq, dk, dv = torch.autograd.grad(out, leaves, do)
     return dq, dk, dv, None, None, None
 
