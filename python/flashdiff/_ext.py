@@ -42,12 +42,8 @@ def _build_note(name: str) -> str:
 @_cached
 def load_cpu():
     """Return (module, None) or (None, reason)."""
-    # flashdiff._cpu links the system libgomp, a second OpenMP runtime beside torch's own.
-    # By default its idle threads spin for ~0.3 ms after each kernel, stealing the cores
-    # torch's next op needs (seen: a torch linear 40 ms instead of 3 ms on 2 cores). A short
-    # spin keeps back-to-back kernels fast and yields soon after. Read once, at load.
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    # flashdiff._cpu needs libgomp.so.1; torch's own is loaded first and satisfies it, so the
+    # kernels share torch's OpenMP thread pool (torch.set_num_threads applies to both).
     try:
         return importlib.import_module("flashdiff._cpu"), None
     except ImportError as err:

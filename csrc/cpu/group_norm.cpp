@@ -1,0 +1,466 @@
+// Group normalization forward (+ per-sample scale/shift, + SiLU/GELU) on the CPU.
+//
+// y = act(((x - mean) * rstd * w + b) * (1 + scale) + shift), statistics per (sample, group) in
+// fp32 chunks combined in double; folded into y = act((x - mean) * A[n, c] + B[n, c]) after
+// the stats (a subtract and an FMA per element). Subtracting the mean before scaling, rather
+// than the one-FMA form x * A + (B - mean * A), keeps the result exact where x - mean is
+// (a group of one element, or |mean| >> std would otherwise cancel to ~rstd * |x| * 2^-24).
+//
+// Memory traffic: read x once from DRAM, write y once (the same as a copy of x). Each unit of
+// work (an (n, g) block for NCHW, a thread's rows of a sample for channels_last) is read twice:
+// the statistics pass pulls it into the core's cache and the normalize pass re-reads it from
+// there. Statistics are two-pass per 4096-element chunk (chunk mean, then the sum of squared
+// deviations from it, the second pass reading L1), and chunks are combined with Chan's
+// formula in double, in chunk order, so results do not depend on the thread count.
+// Roofline: DRAM bandwidth (~2 bytes moved per fp32 byte of x), i.e. the time of x.clone().
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "flashdiff/cpu_vec.h"
+#include "flashdiff/params.h"
+#include "kernels.h"
+#include "static_switch.h"
+
+namespace flashdiff {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 4096;           // elements per statistics chunk (16 KB of fp32)
+constexpr int64_t kParallelMin = 1 << 16;  // fewer elements than this: one thread, no fork
+
+struct ChunkStat {
+  int64_t count;
+  float mean;
+  float m2;  // sum of squared deviations from `mean`
+};
+
+// Chan et al.'s combination of chunk statistics, in double and in chunk order.
+void combine_stats(const ChunkStat* st, int64_t nchunks, int64_t stride, float eps,
+                   float* mean_out, float* rstd_out) {
+  double count = 0.0, sum = 0.0;
+  for (int64_t k = 0; k < nchunks; ++k) {
+    const ChunkStat& s = st[k * stride];
+    count += static_cast<double>(s.count);
+    sum += static_cast<double>(s.count) * s.mean;
+  }
+  const double mean = sum / count;
+  double m2 = 0.0;
+  for (int64_t k = 0; k < nchunks; ++k) {
+    const ChunkStat& s = st[k * stride];
+    const double d = static_cast<double>(s.mean) - mean;
+    m2 += static_cast<double>(s.m2) + static_cast<double>(s.count) * d * d;
+  }
+  const double var = m2 / count;  // biased, like torch
+  *mean_out = static_cast<float>(mean);
+  *rstd_out = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
+}
+
+// A, B for channels [c0, c0 + nc) of sample n, whose group has rstd: y = (x - mean) * A + B.
+void channel_coefs(const GroupNormParams& p, int64_t n, int64_t c0, int64_t nc, float rstd,
+                   float* A, float* B) {
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t c = c0 + j;
+    const double w = p.weight ? p.weight[c] : 1.0f;
+    const double b = p.bias ? p.bias[c] : 0.0f;
+    const double s = p.scale ? 1.0 + static_cast<double>(p.scale[n * p.C + c]) : 1.0;
+    const double t = p.shift ? p.shift[n * p.C + c] : 0.0f;
+    const double a = static_cast<double>(rstd) * w;
+    A[j] = static_cast<float>(a * s);
+    B[j] = static_cast<float>(b * s + t);
+  }
+}
+
+// Two-pass statistics of n <= kChunk contiguous elements. buf (kChunk floats) stages the fp32
+// values of 16-bit inputs so that the second pass reads L1 without converting again. Four
+// accumulators per pass: the add/FMA latency (3-4 cycles) would otherwise bound the loop.
+template <typename T>
+ChunkStat contiguous_stats(const T* x, int64_t n, float* buf) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  vfloat acc[4] = {vset1(0.f), vset1(0.f), vset1(0.f), vset1(0.f)};
+  int64_t i = 0;
+  for (; i + 4 * kVec <= n; i += 4 * kVec) {
+    for (int u = 0; u < 4; ++u) {
+      const vfloat v = vload(x + i + u * kVec);
+      if constexpr (!kF32) vstoreu(buf + i + u * kVec, v);
+      acc[u] += v;
+    }
+  }
+  for (; i + kVec <= n; i += kVec) {
+    const vfloat v = vload(x + i);
+    if constexpr (!kF32) vstoreu(buf + i, v);
+    acc[0] += v;
+  }
+  float tail = 0.f;
+  for (int64_t j = i; j < n; ++j) {
+    const float v = to_float(x[j]);
+    if constexpr (!kF32) buf[j] = v;
+    tail += v;
+  }
+  const float mean = (vsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail) / static_cast<float>(n);
+
+  const float* src;
+  if constexpr (kF32) src = x; else src = buf;
+  const vfloat vm = vset1(mean);
+  for (auto& a : acc) a = vset1(0.f);
+  i = 0;
+  for (; i + 4 * kVec <= n; i += 4 * kVec) {
+    for (int u = 0; u < 4; ++u) {
+      const vfloat d = vloadu(src + i + u * kVec) - vm;
+      acc[u] = vfma(d, d, acc[u]);
+    }
+  }
+  for (; i + kVec <= n; i += kVec) {
+    const vfloat d = vloadu(src + i) - vm;
+    acc[0] = vfma(d, d, acc[0]);
+  }
+  tail = 0.f;
+  for (int64_t j = i; j < n; ++j) {
+    const float d = src[j] - mean;
+    tail += d * d;
+  }
+  return ChunkStat{n, mean, vsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail};
+}
+
+// y[i] = act((x[i] - mean) * a + b) for n contiguous elements. kExact = false: branch-free
+// stores that may flush subnormal bf16 results (see vstore_flagged); returns whether one did.
+template <typename T, Activation ACT, bool kExact>
+bool affine_act_loop(const T* x, T* y, int64_t n, float mean, float a, float b) {
+  constexpr bool kFast = !std::is_same<T, float>::value;  // 16-bit output: see cpu_vec.h
+  const vfloat vm = vset1(mean), va = vset1(a), vb = vset1(b);
+  uint32_t flushed = 0;
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) {
+    const vfloat v = vactivation<ACT, kFast>(vfma(vload(x + i) - vm, va, vb));
+    if constexpr (kExact) vstore(y + i, v); else vstore_flagged(y + i, v, flushed);
+  }
+  if (i < n) {
+    const int64_t r = n - i;
+    vstore_partial(y + i, vactivation<ACT, kFast>(vfma(vload_partial(x + i, r) - vm, va, vb)), r);
+  }
+  return flushed != 0;
+}
+
+template <typename T, Activation ACT>
+void affine_act_run(const T* x, T* y, int64_t n, float mean, float a, float b) {
+  if constexpr (kStoreMayFlush<T>) {
+    if (disjoint(x, y, n) && !affine_act_loop<T, ACT, false>(x, y, n, mean, a, b)) return;
+  }
+  affine_act_loop<T, ACT, true>(x, y, n, mean, a, b);  // exact (or a rare redo)
+}
+
+int thread_count(int64_t total) {
+  return total >= kParallelMin ? std::max(1, omp_get_max_threads()) : 1;
+}
+
+// ------------------------------------------------------------------ NCHW: x [N, C, S]
+// An (n, g) block is contiguous: Cg * S elements, channel c of the block at [c * S, (c+1) * S).
+template <typename T, Activation ACT>
+void group_norm_nchw(const GroupNormParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const int64_t G = p.G, S = p.S, Cg = p.C / p.G;
+  const int64_t L = Cg * S, nblocks = p.N * G;
+  const int64_t nchunks = (L + kChunk - 1) / kChunk;
+  const int nt = thread_count(p.N * p.C * S);
+
+  auto block_stats = [&](int64_t blk, int64_t k0, int64_t k1, ChunkStat* st, float* buf) {
+    const T* xb = x + blk * L;
+    for (int64_t k = k0; k < k1; ++k)
+      st[k] = contiguous_stats(xb + k * kChunk, std::min(kChunk, L - k * kChunk), buf);
+  };
+  auto block_normalize = [&](int64_t blk, int64_t lo, int64_t hi, float mean, const float* A,
+                             const float* B) {
+    const T* xb = x + blk * L;
+    T* yb = y + blk * L;
+    while (lo < hi) {
+      const int64_t c = lo / S, end = std::min(hi, (c + 1) * S);
+      affine_act_run<T, ACT>(xb + lo, yb + lo, end - lo, mean, A[c], B[c]);
+      lo = end;
+    }
+  };
+  // Returns the block mean; fills A, B of its channels.
+  auto block_finish = [&](int64_t blk, const ChunkStat* st, bool write, float* A, float* B) {
+    float mean, rstd;
+    combine_stats(st, nchunks, 1, p.eps, &mean, &rstd);
+    if (write && p.mean_out) p.mean_out[blk] = mean;
+    if (write && p.rstd_out) p.rstd_out[blk] = rstd;
+    channel_coefs(p, blk / G, (blk % G) * Cg, Cg, rstd, A, B);
+    return mean;
+  };
+
+  if (nt == 1 || nblocks % nt == 0 || nblocks >= 4 * nt) {
+    // Enough blocks: each thread owns whole blocks; a block (~160 KB fp32 for SD's
+    // [2, 320, 64, 64]) stays in the core's L2 between the statistics and normalize passes.
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      std::vector<ChunkStat> st(nchunks);
+      std::vector<float> A(Cg), B(Cg), buf(kChunk);
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        block_stats(blk, 0, nchunks, st.data(), buf.data());
+        const float mean = block_finish(blk, st.data(), true, A.data(), B.data());
+        block_normalize(blk, 0, L, mean, A.data(), B.data());
+      }
+    }
+  } else {
+    // Few blocks (batch 1, few groups): all threads share each block, each taking a contiguous
+    // range of its chunks for both passes, with one barrier between statistics and normalize.
+    std::vector<ChunkStat> st(nblocks * nchunks);
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      const int64_t k0 = nchunks * tid / nth, k1 = nchunks * (tid + 1) / nth;
+      std::vector<float> A(Cg), B(Cg), buf(kChunk);
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        ChunkStat* sb = st.data() + blk * nchunks;
+        block_stats(blk, k0, k1, sb, buf.data());
+#pragma omp barrier
+        const float mean = block_finish(blk, sb, tid == 0, A.data(), B.data());
+        block_normalize(blk, k0 * kChunk, std::min(L, k1 * kChunk), mean, A.data(), B.data());
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ channels_last: x [N, S, C]
+// A sample is a row-major [S, C] matrix. Channel-dependent vectors (accumulators, A, B) are
+// expanded to P = lcm(C, 16) entries, so every 16-lane vector of a row range that starts at a
+// multiple of P / C rows lines up with them: rows of any width C (6, 30, 1280) run as one flat
+// vector loop with no per-row tail.
+struct ClGeometry {
+  int64_t C, G, Cg, S, P, R, nchunks;  // R: rows per chunk (multiple of P / C)
+  explicit ClGeometry(const GroupNormParams& p) : C(p.C), G(p.G), Cg(p.C / p.G), S(p.S) {
+    P = C / std::gcd(C, static_cast<int64_t>(kVec)) * kVec;
+    R = (P / C) * std::max<int64_t>(1, kChunk / P);
+    nchunks = (S + R - 1) / R;
+  }
+};
+
+struct ClScratch {
+  std::vector<float> buf, acc, mrep, nrep, arep, brep, A, B;  // *rep: P-periodic
+  explicit ClScratch(const ClGeometry& g)
+      : buf(g.R * g.C + kVec), acc(g.P), mrep(g.P), nrep(g.P), arep(g.P), brep(g.P), A(g.C), B(g.C) {}
+};
+
+// acc[0..C) += acc[C..P): per-channel sums of the P-periodic accumulators.
+inline void fold_periods(const ClGeometry& g, float* acc) {
+  for (int64_t j = g.C; j < g.P; j += g.C)
+    for (int64_t c = 0; c < g.C; ++c) acc[c] += acc[j + c];
+}
+
+// Sum of the per-channel values of one group (groups are independent short chains).
+inline double group_sum(const ClGeometry& g, const float* acc, int64_t grp) {
+  float s = 0.f;
+  for (int64_t c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) s += acc[c];
+  return s;
+}
+
+// Statistics of chunk k (rows [k R, k R + nr)) of one sample, per group: out[0..G).
+template <typename T>
+void cl_chunk_stats(const ClGeometry& g, const T* xs, int64_t k, ClScratch& w, ChunkStat* out) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  const int64_t nr = std::min(g.R, g.S - k * g.R), m = nr * g.C, P = g.P;
+  const T* xc = xs + k * g.R * g.C;
+  float* acc = w.acc.data();
+  float* buf = w.buf.data();
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+  int64_t i = 0, off = 0;
+  for (; i + kVec <= m; i += kVec) {
+    const vfloat v = vload(xc + i);
+    if constexpr (!kF32) vstoreu(buf + i, v);
+    vstoreu(acc + off, vloadu(acc + off) + v);
+    off += kVec;
+    if (off == P) off = 0;
+  }
+  if (i < m) {  // zero lanes past the end add nothing
+    const vfloat v = vload_partial(xc + i, m - i);
+    if constexpr (!kF32) vstoreu(buf + i, v);
+    vstoreu(acc + off, vloadu(acc + off) + v);
+  }
+  // Group means of this chunk, expanded to the P-periodic channel pattern.
+  const int64_t count = nr * g.Cg;
+  fold_periods(g, acc);
+  for (int64_t grp = 0; grp < g.G; ++grp)
+    out[grp].mean = static_cast<float>(group_sum(g, acc, grp) / static_cast<double>(count));
+  float* mrep = w.mrep.data();
+  for (int64_t grp = 0; grp < g.G; ++grp)
+    std::fill(mrep + grp * g.Cg, mrep + (grp + 1) * g.Cg, out[grp].mean);
+  for (int64_t j = g.C; j < P; j += g.C) std::copy(mrep, mrep + g.C, mrep + j);
+
+  const float* src;
+  if constexpr (kF32) src = xc; else src = buf;
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+  i = 0;
+  off = 0;
+  for (; i + kVec <= m; i += kVec) {
+    const vfloat d = vloadu(src + i) - vloadu(mrep + off);
+    vstoreu(acc + off, vfma(d, d, vloadu(acc + off)));
+    off += kVec;
+    if (off == P) off = 0;
+  }
+  for (int64_t j = 0; i + j < m; ++j) {
+    const float d = src[i + j] - mrep[off + j];
+    acc[off + j] += d * d;
+  }
+  fold_periods(g, acc);
+  for (int64_t grp = 0; grp < g.G; ++grp) {
+    out[grp].count = count;
+    out[grp].m2 = static_cast<float>(group_sum(g, acc, grp));
+  }
+}
+
+// Mean, A, B of sample n from its per-group (mean, rstd), expanded to the P-periodic pattern.
+void cl_coefs(const GroupNormParams& p, const ClGeometry& g, int64_t n, const float* mean,
+              const float* rstd, ClScratch& w) {
+  for (int64_t grp = 0; grp < g.G; ++grp)
+    channel_coefs(p, n, grp * g.Cg, g.Cg, rstd[grp], w.A.data() + grp * g.Cg,
+                  w.B.data() + grp * g.Cg);
+  for (int64_t j = 0; j < g.P; j += g.C) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      w.nrep[j + c] = mean[c / g.Cg];
+      w.arep[j + c] = w.A[c];
+      w.brep[j + c] = w.B[c];
+    }
+  }
+}
+
+// Rows [r0, r1) of one sample; r0 is a multiple of P / C. kExact: as in affine_act_loop.
+template <typename T, Activation ACT, bool kExact>
+bool cl_normalize_loop(const ClGeometry& g, const T* xc, T* yc, int64_t m, const ClScratch& w) {
+  constexpr bool kFast = !std::is_same<T, float>::value;  // 16-bit output: see cpu_vec.h
+  const float* nrep = w.nrep.data();
+  const float* arep = w.arep.data();
+  const float* brep = w.brep.data();
+  uint32_t flushed = 0;
+  int64_t i = 0, off = 0;
+  for (; i + kVec <= m; i += kVec) {
+    const vfloat d = vload(xc + i) - vloadu(nrep + off);
+    const vfloat v = vactivation<ACT, kFast>(vfma(d, vloadu(arep + off), vloadu(brep + off)));
+    if constexpr (kExact) vstore(yc + i, v); else vstore_flagged(yc + i, v, flushed);
+    off += kVec;
+    if (off == g.P) off = 0;
+  }
+  if (i < m) {
+    const vfloat d = vload_partial(xc + i, m - i) - vloadu(nrep + off);
+    const vfloat v = vfma(d, vloadu(arep + off), vloadu(brep + off));
+    vstore_partial(yc + i, vactivation<ACT, kFast>(v), m - i);
+  }
+  return flushed != 0;
+}
+
+template <typename T, Activation ACT>
+void cl_normalize(const ClGeometry& g, const T* xs, T* ys, int64_t r0, int64_t r1,
+                  const ClScratch& w) {
+  if (r1 <= r0) return;
+  const int64_t m = (r1 - r0) * g.C;
+  const T* xc = xs + r0 * g.C;
+  T* yc = ys + r0 * g.C;
+  if constexpr (kStoreMayFlush<T>) {
+    if (disjoint(xc, yc, m) && !cl_normalize_loop<T, ACT, false>(g, xc, yc, m, w)) return;
+  }
+  cl_normalize_loop<T, ACT, true>(g, xc, yc, m, w);
+}
+
+template <typename T, Activation ACT>
+void group_norm_channels_last(const GroupNormParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const ClGeometry g(p);
+  const int64_t N = p.N, G = g.G, nchunks = g.nchunks, sample = g.S * g.C;
+  const int nt = thread_count(N * sample);
+  std::vector<ChunkStat> st(N * nchunks * G);
+  std::vector<float> mean(N * G), rstd(N * G);
+
+  auto finish_groups = [&](int64_t n, int64_t g0, int64_t g1) {
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t i = n * G + grp;
+      combine_stats(st.data() + n * nchunks * G + grp, nchunks, G, p.eps, &mean[i], &rstd[i]);
+      if (p.mean_out) p.mean_out[i] = mean[i];
+      if (p.rstd_out) p.rstd_out[i] = rstd[i];
+    }
+  };
+
+  if (nt == 1 || N % nt == 0 || N >= 4 * nt) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      ClScratch w(g);
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        const T* xs = x + n * sample;
+        for (int64_t k = 0; k < nchunks; ++k)
+          cl_chunk_stats(g, xs, k, w, st.data() + (n * nchunks + k) * G);
+        finish_groups(n, 0, G);
+        cl_coefs(p, g, n, mean.data() + n * G, rstd.data() + n * G, w);
+        cl_normalize<T, ACT>(g, xs, y + n * sample, 0, g.S, w);
+      }
+    }
+  } else {
+    // Few samples: threads split each sample's chunks (rows) for both passes.
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      const int64_t k0 = nchunks * tid / nth, k1 = nchunks * (tid + 1) / nth;
+      ClScratch w(g);
+      for (int64_t n = 0; n < N; ++n) {
+        const T* xs = x + n * sample;
+        for (int64_t k = k0; k < k1; ++k)
+          cl_chunk_stats(g, xs, k, w, st.data() + (n * nchunks + k) * G);
+#pragma omp barrier
+        finish_groups(n, G * tid / nth, G * (tid + 1) / nth);
+#pragma omp barrier
+        cl_coefs(p, g, n, mean.data() + n * G, rstd.data() + n * G, w);
+        cl_normalize<T, ACT>(g, xs, y + n * sample, k0 * g.R, std::min(g.S, k1 * g.R), w);
+      }
+    }
+  }
+}
+
+void validate(const GroupNormParams& p) {
+  auto fail = [](const std::string& msg) {
+    throw std::invalid_argument("flashdiff._cpu.group_norm_fwd: " + msg);
+  };
+  const int dt = static_cast<int>(p.dtype), act = static_cast<int>(p.activation);
+  if (dt < 0 || dt > 2)
+    fail("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dt));
+  if (act < 0 || act > 2)
+    fail("activation code must be 0 (none), 1 (silu) or 2 (gelu), got " + std::to_string(act));
+  if (p.N < 0 || p.C < 0 || p.S < 0)
+    fail("sizes must be non-negative, got N=" + std::to_string(p.N) + ", C=" +
+         std::to_string(p.C) + ", S=" + std::to_string(p.S));
+  if (p.G <= 0) fail("num_groups G must be positive, got " + std::to_string(p.G));
+  if (p.C % p.G != 0)
+    fail("num_groups G=" + std::to_string(p.G) + " must divide the channel count C=" +
+         std::to_string(p.C));
+  if (!(p.eps >= 0.f) || std::isinf(p.eps))
+    fail("eps must be a finite non-negative number, got " + std::to_string(p.eps));
+  const int64_t kMax = std::numeric_limits<int64_t>::max();
+  if (p.N > 0 && p.C > 0 && p.S > 0 && (p.C > kMax / p.N || p.S > kMax / (p.N * p.C)))
+    fail("N * C * S overflows int64");
+  if (p.N * p.C * p.S != 0 && (p.x == nullptr || p.y == nullptr))
+    fail("x and y must be non-null data pointers");
+}
+
+}  // namespace
+
+void group_norm_fwd(const GroupNormParams& params) {
+  validate(params);
+  if (params.N * params.C * params.S == 0) return;
+  FD_DTYPE_SWITCH(params.dtype, T, [&] {
+    FD_ACTIVATION_SWITCH(params.activation, kAct, [&] {
+      if (params.channels_last) group_norm_channels_last<T, kAct>(params);
+      else group_norm_nchw<T, kAct>(params);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace flashdiff

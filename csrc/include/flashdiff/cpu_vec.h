@@ -1,0 +1,372 @@
+// CPU-only SIMD helpers for the flashdiff._cpu kernels (g++; never included by CUDA code).
+//
+// One 16-lane fp32 vector type (`vfloat`, a GCC vector extension) carries all arithmetic.
+// With -march=native on an AVX-512 machine it is one zmm register and the helpers below use
+// AVX-512 intrinsics directly; with -march=x86-64 the same code compiles (g++ lowers the
+// 64-byte vector to four SSE registers) and the intrinsics fall back to portable code. So the
+// kernels are written once, vectorize by construction (no reliance on the auto-vectorizer),
+// and stay correct on any x86-64 target.
+//
+// Element types of the big tensors: float, Half (IEEE fp16 bits) and BFloat16 (bf16 bits).
+// Conversions to fp32 are exact; conversions from fp32 round to nearest even (fp16 via F16C
+// vcvtps2ph, bf16 with integer arithmetic), keep NaN a NaN, and handle inf and subnormals.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "flashdiff/params.h"
+
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+// AVX-512 intrinsics are used in their zero-masked form with a full mask (_mm512_maskz_*(0xffff,
+// ...)): the same instruction, but g++ 12 -Wall warns (falsely) about the _mm512_undefined_*()
+// source inside many unmasked intrinsics.
+
+// A 64-byte vector passed by value without AVX-512 triggers a psABI note; every helper is
+// inline, so the note is noise.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace flashdiff {
+namespace cpu {
+
+struct Half { uint16_t bits; };
+struct BFloat16 { uint16_t bits; };
+static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2, "16-bit storage types");
+
+constexpr int kVec = 16;  // fp32 lanes per vfloat
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+
+// ------------------------------------------------------------------ scalar bit conversions
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  if (f != f) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// Round to nearest even with subnormals, overflow to inf, NaN kept (M. Maratyszcza's FP16 library).
+inline uint16_t float_to_half(float f) {
+  const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
+  float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
+  const uint32_t w = float_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xff000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(Half v) { return half_to_float(v.bits); }
+inline float to_float(BFloat16 v) { return bf16_to_float(v.bits); }
+
+template <typename T> inline T from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline Half from_float<Half>(float v) { return Half{float_to_half(v)}; }
+template <> inline BFloat16 from_float<BFloat16>(float v) { return BFloat16{float_to_bf16(v)}; }
+
+// ------------------------------------------------------------------ vector basics
+inline vfloat vset1(float s) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_set1_ps(s);
+#else
+  vfloat v;
+  for (int i = 0; i < kVec; ++i) v[i] = s;
+  return v;
+#endif
+}
+inline vfloat vloadu(const float* p) { vfloat v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vstoreu(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+// a * b + c with one rounding where the target has FMA (-std=c++17 disables contraction).
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  __m256 a2[2], b2[2], c2[2];
+  std::memcpy(a2, &a, 64); std::memcpy(b2, &b, 64); std::memcpy(c2, &c, 64);
+  c2[0] = _mm256_fmadd_ps(a2[0], b2[0], c2[0]);
+  c2[1] = _mm256_fmadd_ps(a2[1], b2[1], c2[1]);
+  std::memcpy(&c, c2, 64);
+  return c;
+#else
+  return a * b + c;
+#endif
+}
+
+// Lane-wise select: mask lanes are all-ones (true) or zero, as vector comparisons produce.
+inline vfloat vselect(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
+
+// Horizontal sum (pairwise tree; called once per chunk, not in inner loops).
+inline float vsum(vfloat v) {
+  float s[kVec];
+  std::memcpy(s, &v, sizeof s);
+  for (int w = kVec / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+}
+
+// ------------------------------------------------------------------ typed loads and stores
+inline vfloat vload(const float* p) { return vloadu(p); }
+inline void vstore(float* p, vfloat v) { vstoreu(p, v); }
+
+inline vfloat vload(const BFloat16* p) {
+#if defined(__AVX512F__)
+  const __m512i u =
+      _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vfloat)((vuint)u << 16);
+#else
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (vfloat)(__builtin_convertvector(h, vuint) << 16);
+#endif
+}
+// Round to nearest even, NaN kept a quiet NaN, subnormals kept (as torch's conversion does).
+// With AVX512_BF16: one vcvtneps2bf16, whose only difference is that it flushes fp32
+// subnormals (|v| < 1.2e-38) to zero; a vector holding one (rare) takes the integer path.
+inline void vstore(BFloat16* p, vfloat v) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+  if (__builtin_expect(_mm512_fpclass_ps_mask((__m512)v, 0x20) == 0, 1)) {  // 0x20: subnormal
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)v));
+    return;
+  }
+#endif
+  const vuint u = (vuint)v;
+  const vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vuint quiet_nan = (u >> 16) | 0x40u;
+  const vuint r = (v != v) ? quiet_nan : rounded;
+  const vu16 h = __builtin_convertvector(r, vu16);
+  std::memcpy(p, &h, sizeof h);
+}
+
+inline vfloat vload(const Half* p) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  __m256 f[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  vfloat v;
+  std::memcpy(&v, f, 64);
+  return v;
+#else
+  vfloat v;
+  for (int i = 0; i < kVec; ++i) v[i] = half_to_float(p[i].bits);
+  return v;
+#endif
+}
+inline void vstore(Half* p, vfloat v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_maskz_cvtps_ph(0xffff, (__m512)v,
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  __m256 f[2];
+  std::memcpy(f, &v, 64);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(f[0], _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(f[1], _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < kVec; ++i) p[i].bits = float_to_half(v[i]);
+#endif
+}
+
+// A bf16 store without the per-vector subnormal test of vstore: with AVX512_BF16 it may flush
+// fp32 subnormals to zero, and ORs a nonzero mask into `seen` when a lane was subnormal, so a
+// loop can run branch-free (~15% faster for bf16 SiLU) and redo its range exactly in the rare
+// case. Exact (plain vstore) for the other types and targets (kStoreMayFlush<T> false).
+template <typename T>
+constexpr bool kStoreMayFlush =
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+    std::is_same<T, BFloat16>::value;
+#else
+    false;
+#endif
+
+template <typename T>
+inline void vstore_flagged(T* p, vfloat v, uint32_t& seen) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (std::is_same<T, BFloat16>::value) {
+    seen |= _mm512_fpclass_ps_mask((__m512)v, 0x20);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)v));
+    return;
+  }
+#endif
+  (void)seen;
+  vstore(p, v);
+}
+
+// Whether [a, a + n) and [b, b + n) share no byte (a range is redone only if its input survived).
+template <typename T>
+inline bool disjoint(const T* a, const T* b, int64_t n) {
+  const uintptr_t x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  const uintptr_t bytes = static_cast<uintptr_t>(n) * sizeof(T);
+  return x + bytes <= y || y + bytes <= x;
+}
+
+// The first n (< kVec) elements; the other lanes are zero.
+template <typename T>
+inline vfloat vload_partial(const T* p, int64_t n) {
+  T tmp[kVec];
+  std::memset(static_cast<void*>(tmp), 0, sizeof tmp);
+  std::memcpy(static_cast<void*>(tmp), p, static_cast<size_t>(n) * sizeof(T));
+  return vload(tmp);
+}
+template <typename T>
+inline void vstore_partial(T* p, vfloat v, int64_t n) {
+  T tmp[kVec];
+  vstore(tmp, v);
+  std::memcpy(static_cast<void*>(p), tmp, static_cast<size_t>(n) * sizeof(T));
+}
+
+// ------------------------------------------------------------------ transcendental functions
+// Precision switch of the functions below: kFast = false gives fp32 accuracy (~1-3 ulp);
+// kFast = true, used when the result is stored as fp16/bf16, allows a relative error below
+// 1e-4 (a quarter of an fp16 ulp, 1/40 of a bf16 ulp) and saves ~5 of ~22 vector ops.
+
+// 1 / d. AVX-512: the estimate vrcp14ps (relative error < 2^-14), refined by one Newton step
+// (two FMAs, ~1 ulp) unless kFast; several times cheaper than vdivps on a 512-bit vector.
+template <bool kFast = false>
+inline vfloat vrcp(vfloat d) {
+#if defined(__AVX512F__)
+  const vfloat r = (vfloat)_mm512_maskz_rcp14_ps(0xffff, (__m512)d);
+  if constexpr (kFast) return r;
+  return vfma(r, vfma(-d, r, vset1(1.0f)), r);  // r + r (1 - d r)
+#else
+  return 1.0f / d;
+#endif
+}
+
+// min(max(x, lo), hi) with NaN passed through (AVX-512 vmaxps/vminps return their second
+// operand when either is NaN; the portable selects compare false on NaN).
+inline vfloat vclamp(vfloat x, float lo, float hi) {
+#if defined(__AVX512F__)
+  const __m512 t = _mm512_maskz_max_ps(0xffff, _mm512_set1_ps(lo), (__m512)x);
+  return (vfloat)_mm512_maskz_min_ps(0xffff, _mm512_set1_ps(hi), t);
+#else
+  x = vselect(x < lo, vset1(lo), x);
+  return vselect(x > hi, vset1(hi), x);
+#endif
+}
+
+constexpr float kExpLo = -87.0f, kExpHi = 88.0f;  // exp stays a normal float in between
+
+// exp(x) for x in [kExpLo, kExpHi] or NaN (callers clamp; vexp below does). Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2 (ln2 split in a 9-bit head and a tail, so n * head is
+// exact), exp(r) ~ 1 + r + r^2 q(r) with q a degree-4 minimax fit for relative error (3e-9
+// in exact arithmetic), then scaled by 2^n. Measured max error 1 ulp against double exp.
+// kFast: relative error < 1e-5 (AVX-512DQ: a 2^f polynomial, below; else one-step reduction
+// and q of degree 2, 5.3e-6).
+template <bool kFast = false>
+inline vfloat vexp_in_range(vfloat x) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (kFast) {
+    // exp(x) = 2^t, t = x log2(e) = n + f with n = round(t), f = t - n in [-1/2, 1/2] from one
+    // vreduceps; 2^f by a degree-4 relative-minimax polynomial (2.6e-6), 2^n by vscalefps.
+    // Rounding t to fp32 adds a relative error <= |t| 2^-24 ln 2 <= 5.3e-6.
+    const __m512 t = _mm512_mul_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f));
+    const vfloat f = (vfloat)_mm512_maskz_reduce_ps(0xffff, t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vfloat n = (vfloat)t - f;
+    vfloat p = vset1(9.570102207362652e-3f);
+    p = vfma(p, f, vset1(5.591786280274391e-2f));
+    p = vfma(p, f, vset1(2.40247443318367e-1f));
+    p = vfma(p, f, vset1(6.931217908859253e-1f));
+    p = vfma(p, f, vset1(9.999992847442627e-1f));
+    return (vfloat)_mm512_maskz_scalef_ps(0xffff, (__m512)p, (__m512)n);
+  }
+#endif
+#if defined(__AVX512F__)
+  const vfloat n = (vfloat)_mm512_maskz_roundscale_ps(
+      0xffff, (__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const vfloat magic = vset1(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat t = vfma(x, vset1(1.44269504088896341f), magic);
+  const vfloat n = t - magic;
+#endif
+  vfloat r, q;
+  if constexpr (kFast) {
+    r = vfma(n, vset1(-0.693147180559945309f), x);
+    q = vset1(4.1277747601270676e-2f);
+    q = vfma(q, r, vset1(1.6753514111042023e-1f));
+    q = vfma(q, r, vset1(5.000511407852173e-1f));
+  } else {
+    r = vfma(n, vset1(-0.693359375f), x);
+    r = vfma(n, vset1(2.12194440e-4f), r);
+    q = vset1(1.381461275741458e-3f);
+    q = vfma(q, r, vset1(8.368710055947304e-3f));
+    q = vfma(q, r, vset1(4.166838899254799e-2f));
+    q = vfma(q, r, vset1(1.666652113199234e-1f));
+    q = vfma(q, r, vset1(4.999999403953552e-1f));
+  }
+  const vfloat p = vfma(q, r * r, r) + 1.0f;
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_maskz_scalef_ps(0xffff, (__m512)p, (__m512)n);
+#else
+  const vint pow2n = (((vint)t - (vint)magic) + 127) << 23;  // t's low mantissa bits hold n
+  return p * (vfloat)pow2n;
+#endif
+}
+
+// exp(x) for any x: clamped to [-87, 88] first, so exp(-inf) ~ 1.6e-38 and exp(inf) ~ 1.7e38
+// (never 0 or inf); NaN in gives NaN out.
+template <bool kFast = false>
+inline vfloat vexp(vfloat x) { return vexp_in_range<kFast>(vclamp(x, kExpLo, kExpHi)); }
+
+// silu(v) = v / (1 + exp(-v)); max error ~3 ulp (kFast: relative error < 6e-5). The clamp
+// keeps 1 + exp(-v) finite for vrcp (silu(v < -87) ~ -1e-36 instead of ~0); NaN propagates.
+template <bool kFast = false>
+inline vfloat vsilu(vfloat v) {
+  return v * vrcp<kFast>(1.0f + vexp_in_range<kFast>(vclamp(-v, kExpLo, kExpHi)));
+}
+
+// Exact GELU, 0.5 v (1 + erf(v / sqrt 2)), with erf from Abramowitz & Stegun 7.1.26
+// (|error| <= 1.5e-7, the same formula as torch's vectorized CPU erf). 1 + erf(z) is formed
+// as erfc(|z|) for z < 0 and 2 - erfc(z) otherwise, so negative inputs suffer no
+// cancellation. Max |error| of the result ~ 2e-7 * max(1, |v|) (measured ~4e-7 on [-10, 10];
+// kFast: ~2e-5 * max(1, |v|)).
+template <bool kFast = false>
+inline vfloat vgelu(vfloat v) {
+  const vfloat z = v * 0.70710678118654752f;
+  // |z|, capped where erfc(|z|) < 1e-38 (exp(-a^2) stays in range; keeps t finite); NaN kept.
+  const vfloat a = vclamp((vfloat)((vuint)z & 0x7fffffffu), 0.0f, 9.3f);
+  const vfloat t = vrcp<kFast>(vfma(a, vset1(0.3275911f), vset1(1.0f)));
+  vfloat p = vset1(1.061405429f);
+  p = vfma(p, t, vset1(-1.453152027f));
+  p = vfma(p, t, vset1(1.421413741f));
+  p = vfma(p, t, vset1(-0.284496736f));
+  p = vfma(p, t, vset1(0.254829592f));
+  const vfloat erfc_a = p * t * vexp_in_range<kFast>(-(a * a));
+  const vfloat one_plus_erf = vselect(z < 0.0f, erfc_a, 2.0f - erfc_a);
+  return 0.5f * v * one_plus_erf;
+}
+
+template <Activation ACT, bool kFast = false>
+inline vfloat vactivation(vfloat v) {
+  if constexpr (ACT == Activation::kSilu) return vsilu<kFast>(v);
+  else if constexpr (ACT == Activation::kGelu) return vgelu<kFast>(v);
+  else return v;
+}
+
+}  // namespace cpu
+}  // namespace flashdiff
