@@ -15,9 +15,11 @@ coefficients and run the update. Traffic: read x, c (+u, noise, prev_x0), write 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from .. import _ext, _validate as check, reference
@@ -36,10 +38,6 @@ def _sqrt(v):
     return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
 
 
-def _exp(v):
-    return v.exp() if isinstance(v, torch.Tensor) else math.exp(v)
-
-
 def _log(v):
     return v.log() if isinstance(v, torch.Tensor) else math.log(v)
 
@@ -55,12 +53,36 @@ def _pack(device=None, **named) -> torch.Tensor:
     if named:
         raise ValueError(f"unknown coefficient names {sorted(named)}")
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not tensors:
-        return torch.tensor(values, dtype=torch.float32, device=device)
+    if not tensors:  # from_numpy: a third of torch.tensor(list)'s cost, which is µs here
+        coefs = torch.from_numpy(np.array(values, dtype=np.float32))
+        return coefs if device is None or torch.device(device).type == "cpu" else coefs.to(device)
     ref = tensors[0]
     values = [v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=ref.device)
               for v in values]
     return torch.stack(torch.broadcast_tensors(*values), dim=-1).to(torch.float32)
+
+
+_HOST_COEFS: dict = {}
+
+
+def _memoize_host_schedules(builder):
+    """Cache a builder's result when every schedule value is a host number: a sampling loop
+    with float schedules then pays a dict lookup per step after its first image, not the
+    builder's Python (the op is ~5 µs at SD latent sizes). Tensor inputs are never cached.
+    The cached tensor is shared: treat a builder's result as read-only."""
+    @functools.wraps(builder)
+    def wrapper(*args, device=None, **kwargs):
+        if any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+            return builder(*args, device=device, **kwargs)
+        key = (builder.__name__, args, tuple(sorted(kwargs.items())), str(device))
+        coefs = _HOST_COEFS.get(key)
+        if coefs is None:
+            if len(_HOST_COEFS) >= 4096:
+                _HOST_COEFS.clear()
+            coefs = _HOST_COEFS[key] = builder(*args, device=device, **kwargs)
+        return coefs
+
+    return wrapper
 
 
 def _x0_eps_coefs(prediction_type, sqrt_a, sqrt_b):
@@ -98,6 +120,7 @@ def _alpha(name, v, allow_one):
     return _as64(v)
 
 
+@_memoize_host_schedules
 def ddim_coefs(alpha_prod_t: Scalar, alpha_prod_t_prev: Scalar, eta: Scalar = 0.0,
                prediction_type: str = "epsilon", clip_sample_range: Optional[float] = None,
                use_clipped_model_output: bool = False, guidance_scale: Scalar = 1.0,
@@ -119,6 +142,7 @@ def ddim_coefs(alpha_prod_t: Scalar, alpha_prod_t_prev: Scalar, eta: Scalar = 0.
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
+@_memoize_host_schedules
 def ddpm_coefs(alpha_prod_t: Scalar, alpha_prod_t_prev: Scalar, variance_type: str = "fixed_small",
                prediction_type: str = "epsilon", clip_sample_range: Optional[float] = None,
                guidance_scale: Scalar = 1.0, device=None) -> torch.Tensor:
@@ -141,6 +165,7 @@ def ddpm_coefs(alpha_prod_t: Scalar, alpha_prod_t_prev: Scalar, variance_type: s
                  prev_from_noise=std, **c)
 
 
+@_memoize_host_schedules
 def flow_euler_coefs(sigma: Scalar, sigma_next: Scalar, stochastic: bool = False,
                      guidance_scale: Scalar = 1.0, device=None) -> torch.Tensor:
     """Flow-matching Euler: prev = x + (σ_next − σ)·v; stochastic: (1−σ_next)·x0 + σ_next·noise."""
@@ -155,6 +180,7 @@ def flow_euler_coefs(sigma: Scalar, sigma_next: Scalar, stochastic: bool = False
     return _pack(device or _device_of(s, s_next), guidance=_guidance(guidance_scale), **c)
 
 
+@_memoize_host_schedules
 def dpmpp_2m_coefs(sigma_next: Scalar, sigma: Scalar, sigma_prev: Optional[Scalar] = None,
                    prediction_type: str = "epsilon", guidance_scale: Scalar = 1.0,
                    device=None) -> torch.Tensor:
@@ -236,6 +262,8 @@ def _flat_operands(sample, *others):
     """The kernels treat every operand as one flat array, so all must share sample's dense
     strides; anything else is copied to contiguous (latents almost always already are)."""
     tensors = (sample,) + others
+    if sample.is_contiguous() and all(t is None or t.is_contiguous() for t in others):
+        return tensors  # the common case, without building stride tuples
     dense = sample.is_contiguous() or sample.is_contiguous(memory_format=torch.channels_last)
     if dense and all(t is None or t.stride() == sample.stride() for t in others):
         return tensors
