@@ -14,6 +14,7 @@
 
 #include "flashdiff/math.h"
 #include "flashdiff/params.h"
+#include "flashdiff/static_switch.h"
 
 namespace flashdiff {
 namespace cuda {
@@ -49,29 +50,10 @@ namespace cuda {
   } while (0)
 
 // ------------------------------------------------------------------ static switches
-// Turn a run-time value into a compile-time constant (flash-attention's static_switch.h):
-//   BOOL_SWITCH(has_noise, kHasNoise, [&] { launch<kHasNoise>(...); });
-#define FD_BOOL_SWITCH(COND, NAME, ...)       \
-  [&] {                                       \
-    if (COND) {                               \
-      constexpr static bool NAME = true;      \
-      return __VA_ARGS__();                   \
-    } else {                                  \
-      constexpr static bool NAME = false;     \
-      return __VA_ARGS__();                   \
-    }                                         \
-  }()
-
-// dtype code (params.h DType) -> element type `elem_t`.
-#define FD_DTYPE_SWITCH(DTYPE, ...)                                                  \
-  [&] {                                                                              \
-    switch (DTYPE) {                                                                 \
-      case ::flashdiff::DType::kFloat32: { using elem_t = float; return __VA_ARGS__(); }          \
-      case ::flashdiff::DType::kFloat16: { using elem_t = __half; return __VA_ARGS__(); }         \
-      case ::flashdiff::DType::kBFloat16: { using elem_t = __nv_bfloat16; return __VA_ARGS__(); } \
-    }                                                                                \
-    throw std::runtime_error("flashdiff._cuda: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)"); \
-  }()
+// FD_BOOL_SWITCH and FD_ACTIVATION_SWITCH come from flashdiff/static_switch.h (shared with the
+// CPU kernels); here the dtype switch names CUDA's 16-bit types and the type `elem_t`.
+#define FD_DTYPE_SWITCH(DTYPE, ...) \
+  FD_DTYPE_SWITCH_AS(DTYPE, elem_t, __half, __nv_bfloat16, "flashdiff._cuda", __VA_ARGS__)
 
 // Half-precision only (attention).
 #define FD_HALF_DTYPE_SWITCH(DTYPE, ...)                                             \
@@ -82,16 +64,6 @@ namespace cuda {
       default: break;                                                                \
     }                                                                                \
     throw std::runtime_error("flashdiff._cuda: attention_fwd needs dtype 1 (float16) or 2 (bfloat16)"); \
-  }()
-
-#define FD_ACTIVATION_SWITCH(ACT, NAME, ...)                                         \
-  [&] {                                                                              \
-    switch (ACT) {                                                                   \
-      case ::flashdiff::Activation::kNone: { constexpr static auto NAME = ::flashdiff::Activation::kNone; return __VA_ARGS__(); } \
-      case ::flashdiff::Activation::kSilu: { constexpr static auto NAME = ::flashdiff::Activation::kSilu; return __VA_ARGS__(); } \
-      case ::flashdiff::Activation::kGelu: { constexpr static auto NAME = ::flashdiff::Activation::kGelu; return __VA_ARGS__(); } \
-    }                                                                                \
-    throw std::runtime_error("flashdiff._cuda: activation must be 0 (none), 1 (silu) or 2 (gelu)"); \
   }()
 
 // ------------------------------------------------------------------ element conversions
