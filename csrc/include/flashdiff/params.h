@@ -13,7 +13,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class Activation : int { kNone = 0, kSilu = 1, kGelu = 2 };  // gelu = exact (erf)
 
 // y = act(((x - mean) * rstd * weight + bias) * (1 + scale) + shift), statistics per (n, group).
-// Kernels fold this into y = act(x * A[n, c] + B[n, c]): one FMA per element after the stats.
+// Kernels fold the affine and modulation into y = act((x - mean) * A[n, c] + B[n, c]): a subtract
+// and an FMA per element after the stats. (Folding the mean into B too, act(x * A + B'), loses
+// fp32 digits when a group's mean is large against its spread: measured, not taken.)
 struct GroupNormParams {
   const void* x = nullptr;       // [N, C, S] (NCHW, S = prod(spatial)) or [N, S, C] (channels_last)
   void* y = nullptr;             // same layout and dtype as x
