@@ -213,16 +213,20 @@ class FusedScheduler:
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
 
-    def _table(self, key, guidance_scale=1.0) -> torch.Tensor:
-        """The [T, 12] table for these step kwargs and guidance weight, built once."""
-        table = self._tables.get((key, guidance_scale))
-        if table is None:
+    def _rows(self, key, guidance_scale=1.0):
+        """The rows (views) of the [T, 12] table for these step kwargs and guidance weight,
+        built once; a Python list, so picking a step's row costs no tensor indexing."""
+        rows = self._tables.get((key, guidance_scale))
+        if rows is None:
             table = self._build_table(key).to(self._device).contiguous()
             if guidance_scale != 1.0:
-                table = table.clone()
                 table[:, 0] = guidance_scale
-            self._tables[(key, guidance_scale)] = table
-        return table
+            rows = self._tables[(key, guidance_scale)] = list(table.unbind(0))
+        return rows
+
+    def _table(self, key, guidance_scale=1.0) -> torch.Tensor:
+        """The whole [T, 12] coefficient table (the rows' base tensor)."""
+        return self._rows(key, guidance_scale)[0]._base
 
     @staticmethod
     def _host_timestep(timestep):
@@ -231,7 +235,8 @@ class FusedScheduler:
         if isinstance(timestep, torch.Tensor):
             if timestep.device.type != "cpu" or timestep.numel() != 1:
                 return None
-            return timestep.reshape(()).tolist()
+            # a CPU scalar: reading it is a plain memory load, not a device sync
+            return float(timestep) if timestep.is_floating_point() else int(timestep)
         return timestep
 
     def _host_index(self, timestep) -> Optional[int]:
@@ -264,11 +269,11 @@ class FusedScheduler:
     def _update(self, table_key, index, model_output, sample, model_output_uncond, guidance_scale,
                 noise=None, prev_x0=None, return_x0=True):
         if model_output_uncond is None:
-            row = self._table(table_key)[index]
+            row = self._rows(table_key)[index]
         elif isinstance(guidance_scale, torch.Tensor):
-            row = self._guided_row(self._table(table_key)[index], guidance_scale)
+            row = self._guided_row(self._rows(table_key)[index], guidance_scale)
         else:
-            row = self._table(table_key, float(guidance_scale))[index]
+            row = self._rows(table_key, float(guidance_scale))[index]
         return scheduler_update(sample, model_output, row, model_output_uncond, noise, prev_x0,
                                 return_x0=return_x0, backend=self.backend)
 

@@ -91,7 +91,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
             else:
                 raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', "
                                  f"got {cfg.timestep_spacing!r}")
-        sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)  # float32, as diffusers
+        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # float32, as diffusers
         log_sigmas = np.log(sigmas)
         if cfg.use_karras_sigmas:
             flipped = np.flip(sigmas).copy()

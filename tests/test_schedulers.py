@@ -1,0 +1,237 @@
+"""flashdiff.schedulers against diffusers: whole trajectories, every scheduler and prediction type.
+
+At each step both schedulers get the same sample and model output (diffusers' trajectory, so
+multistep state stays comparable), and the outputs must agree to a relative error of 1e-5 in
+fp32; the free-running trajectories must end within 1e-4. Noise is drawn from twin generators,
+so equality also checks that flashdiff draws it the way diffusers does.
+"""
+import math
+
+import pytest
+import torch
+
+from flashdiff import schedulers as fs
+
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE = (2, 3, 9, 7)  # 378 elements: odd sizes
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+
+# (class name, config, set_timesteps n, step kwargs), labelled
+CASES = [
+    pytest.param("DDIMScheduler", {}, 20, {}, id="ddim-default"),
+    pytest.param("DDIMScheduler", dict(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False),
+                 13, dict(eta=0.8), id="ddim-trailing-eta"),
+    pytest.param("DDIMScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, clip_sample=False), 25,
+                 dict(eta=0.3, use_clipped_model_output=True), id="ddim-sd-clipped-eps"),
+    pytest.param("DDIMScheduler", dict(timestep_spacing="linspace", rescale_betas_zero_snr=True, clip_sample=False,
+                                       beta_schedule="squaredcos_cap_v2"), 11, {}, id="ddim-linspace-zsnr-cos"),
+    pytest.param("DDPMScheduler", {}, 20, {}, id="ddpm-default"),
+    pytest.param("DDPMScheduler", dict(variance_type="fixed_large", timestep_spacing="trailing", clip_sample=False),
+                 17, {}, id="ddpm-large-trailing"),
+    pytest.param("DDPMScheduler", dict(variance_type="fixed_small_log", steps_offset=1, beta_schedule="sigmoid"),
+                 10, {}, id="ddpm-smalllog-sigmoid"),
+    pytest.param("DPMSolverMultistepScheduler", {}, 10, {}, id="dpmpp-2m-short"),
+    pytest.param("DPMSolverMultistepScheduler", {}, 20, {}, id="dpmpp-2m-long"),
+    pytest.param("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True, final_sigmas_type="sigma_min",
+                                                     lower_order_final=False), 16, {}, id="dpmpp-2m-karras"),
+    pytest.param("DPMSolverMultistepScheduler", dict(solver_order=1, timestep_spacing="trailing"), 12, {},
+                 id="dpmpp-1-trailing"),
+    pytest.param("DPMSolverMultistepScheduler", dict(euler_at_final=True, timestep_spacing="leading",
+                                                     steps_offset=1), 18, {}, id="dpmpp-euler-final"),
+]
+FLOW_CASES = [
+    pytest.param(dict(), 12, {}, id="flow-default"),
+    pytest.param(dict(shift=3.0), 28, {}, id="flow-shift3"),
+    pytest.param(dict(shift=3.0, stochastic_sampling=True), 9, {}, id="flow-stochastic"),
+    pytest.param(dict(use_dynamic_shifting=True), 10, dict(mu=0.7), id="flow-dynamic-mu"),
+    pytest.param(dict(shift_terminal=0.1, use_karras_sigmas=True), 10, {}, id="flow-terminal-karras"),
+    pytest.param(dict(invert_sigmas=True), 8, {}, id="flow-inverted"),
+]
+
+
+def _model(x, i):
+    """A deterministic stand-in for a network: depends on the sample and the step."""
+    g = torch.Generator().manual_seed(1000 + i)
+    return 0.7 * torch.tanh(x) + 0.5 * torch.randn(x.shape, generator=g)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def _compare(ours, theirs, n, step_kw, set_kw=None, guided=False):
+    set_kw = set_kw or {}
+    ours.set_timesteps(n, **set_kw)
+    theirs.set_timesteps(n, **set_kw)
+    assert torch.equal(ours.timesteps.to(theirs.timesteps.dtype), theirs.timesteps)
+    x = torch.randn(SHAPE)
+    gen_ours, gen_theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    x_free = x.clone()
+    worst = 0.0
+    for i, t in enumerate(theirs.timesteps):
+        m = _model(x, i)
+        kw_theirs = dict(step_kw)
+        if "generator" in theirs.step.__code__.co_varnames:
+            kw_theirs["generator"] = gen_theirs
+        kw_ours = {**step_kw, **({"generator": gen_ours} if "generator" in kw_theirs else {})}
+        if guided:  # ours fuses u + g·(c − u); diffusers gets the guided output
+            u = _model(-x, i)
+            ref = theirs.step(u + 4.0 * (m - u), t, x, **kw_theirs)
+            out = ours.step(m, ours.timesteps[i], x, model_output_uncond=u, guidance_scale=4.0, **kw_ours)
+        else:
+            ref = theirs.step(m, t, x, **kw_theirs)
+            out = ours.step(m, ours.timesteps[i], x, **kw_ours)
+        worst = max(worst, _rel(out.prev_sample, ref.prev_sample))
+        if getattr(ref, "pred_original_sample", None) is not None:
+            worst = max(worst, _rel(out.pred_original_sample, ref.pred_original_sample))
+        x = ref.prev_sample
+    assert worst <= 1e-5, f"worst per-step relative error {worst:.2e}"
+    return x
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("name, config, n, step_kw", CASES)
+def test_matches_diffusers(name, config, n, step_kw, prediction):
+    theirs = getattr(diffusers, name)(prediction_type=prediction, **config)
+    ours = getattr(fs, name).from_config(theirs.config)
+    _compare(ours, theirs, n, step_kw)
+
+
+@pytest.mark.parametrize("config, n, set_kw", FLOW_CASES)
+def test_flow_matches_diffusers(config, n, set_kw):
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+    ours = fs.FlowMatchEulerDiscreteScheduler.from_config(theirs.config)
+    _compare(ours, theirs, n, {}, set_kw)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("DDIMScheduler", dict(clip_sample=False)), ("DDPMScheduler", {}), ("DPMSolverMultistepScheduler", {}),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=2.0)),
+], ids=["ddim", "ddpm", "dpmpp", "flow"])
+def test_guidance_is_fused(name, config):
+    theirs = getattr(diffusers, name)(**config)
+    ours = getattr(fs, name).from_config(theirs.config)
+    _compare(ours, theirs, 8, {}, guided=True)
+
+
+def test_free_running_trajectories_end_close():
+    """Each scheduler follows its own samples for a whole run: the ends agree to 1e-4."""
+    for name in ("DDIMScheduler", "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"):
+        theirs, ours = getattr(diffusers, name)(), getattr(fs, name)()
+        theirs.set_timesteps(25)
+        ours.set_timesteps(25)
+        xa = xb = torch.randn(SHAPE)
+        for i, t in enumerate(theirs.timesteps):
+            xa = theirs.step(_model(xa, i), t, xa).prev_sample
+            xb = ours.step(_model(xb, i), ours.timesteps[i], xb).prev_sample
+        assert _rel(xb, xa) <= 1e-4, name
+
+
+def test_tensor_guidance_scale_and_variance_noise():
+    ours, theirs = fs.DDIMScheduler(), diffusers.DDIMScheduler()
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    x, c, u, n = (torch.randn(SHAPE) for _ in range(4))
+    t = theirs.timesteps[3]
+    ref = theirs.step(u + 2.5 * (c - u), t, x, eta=0.5, variance_noise=n).prev_sample
+    out = ours.step(c, t, x, eta=0.5, variance_noise=n, model_output_uncond=u,
+                    guidance_scale=torch.tensor(2.5)).prev_sample
+    assert _rel(out, ref) <= 1e-5
+
+
+def test_list_of_generators_like_diffusers():
+    ours, theirs = fs.DDPMScheduler(), diffusers.DDPMScheduler()
+    ours.set_timesteps(5)
+    theirs.set_timesteps(5)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    t = theirs.timesteps[0]
+    assert _rel(ours.step(m, t, x, generator=gens()).prev_sample,
+                theirs.step(m, t, x, generator=gens()).prev_sample) <= 1e-5
+
+
+def test_off_schedule_ddim_timestep():
+    """diffusers' DDIM accepts any integer timestep: so does this one."""
+    ours, theirs = fs.DDIMScheduler(), diffusers.DDIMScheduler()
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    assert _rel(ours.step(m, 537, x).prev_sample, theirs.step(m, 537, x).prev_sample) <= 1e-5
+
+
+def test_step_is_one_fused_update(monkeypatch):
+    """Every step calls flashdiff.scheduler_update exactly once, with a row of the table."""
+    from flashdiff.schedulers import _base, ddim
+
+    calls = []
+    real = _base.scheduler_update
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_base, "scheduler_update", spy)
+    monkeypatch.setattr(ddim, "scheduler_update", spy)
+    for cls in (fs.DDIMScheduler, fs.DDPMScheduler, fs.DPMSolverMultistepScheduler, fs.FlowMatchEulerDiscreteScheduler):
+        s = cls()
+        s.set_timesteps(6)
+        x = torch.randn(SHAPE)
+        calls.clear()
+        for t in s.timesteps:
+            x = s.step(torch.randn(SHAPE), t, x, model_output_uncond=torch.randn(SHAPE), guidance_scale=2.0).prev_sample
+        assert len(calls) == 6, cls.__name__
+        assert all(c.shape == (12,) and c._base is not None for c in calls), "coefs must be views of the table"
+
+
+def test_from_config_ignores_foreign_keys_and_takes_overrides():
+    cfg = dict(diffusers.DDIMScheduler(beta_schedule="scaled_linear").config)
+    cfg["some_future_key"] = 1
+    s = fs.DDIMScheduler.from_config(cfg, prediction_type="v_prediction", backend="reference")
+    assert s.config.beta_schedule == "scaled_linear" and s.config.prediction_type == "v_prediction"
+    assert s.backend == "reference" and "backend" not in s.config
+    with pytest.raises(TypeError):
+        s.config["clip_sample"] = False
+
+
+@pytest.mark.parametrize("cls, kw, match", [
+    (fs.DDIMScheduler, dict(thresholding=True), "thresholding"),
+    (fs.DDPMScheduler, dict(variance_type="learned_range"), "variance_type"),
+    (fs.DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
+    (fs.DPMSolverMultistepScheduler, dict(solver_order=3), "solver_order"),
+    (fs.DDIMScheduler, dict(beta_schedule="nope"), "beta_schedule"),
+])
+def test_unsupported_configs_say_why(cls, kw, match):
+    with pytest.raises(NotImplementedError, match=match):
+        cls(**kw)
+
+
+def test_bad_use():
+    s = fs.DDIMScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(torch.randn(SHAPE), 10, torch.randn(SHAPE))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        s.set_timesteps(2000)
+    f = fs.FlowMatchEulerDiscreteScheduler()
+    f.set_timesteps(3)
+    with pytest.raises(ValueError, match="integer"):
+        f.step(torch.randn(SHAPE), 5, torch.randn(SHAPE))
+    for t in f.timesteps:
+        f.step(torch.randn(SHAPE), t, torch.randn(SHAPE))
+    with pytest.raises(IndexError, match="set_timesteps"):
+        f.step(torch.randn(SHAPE), f.timesteps[0].cuda() if torch.cuda.is_available() else torch.tensor(0.5),
+               torch.randn(SHAPE))
+
+
+def test_reference_backend_agrees_with_fused():
+    for backend in ("reference", None):
+        s = fs.DPMSolverMultistepScheduler(backend=backend)
+        s.set_timesteps(8)
+        torch.manual_seed(3)
+        x = torch.randn(SHAPE)
+        for i, t in enumerate(s.timesteps):
+            x = s.step(_model(x, i), t, x).prev_sample
+        if backend == "reference":
+            ref = x
+    assert _rel(x, ref) <= 1e-5 and math.isfinite(float(x.abs().max()))
