@@ -9,10 +9,13 @@
 // Memory traffic: read x once from DRAM, write y once (the same as a copy of x). Each unit of
 // work (an (n, g) block for NCHW, a thread's rows of a sample for channels_last) is read twice:
 // the statistics pass pulls it into the core's cache and the normalize pass re-reads it from
-// there. Statistics are two-pass per 4096-element chunk (chunk mean, then the sum of squared
-// deviations from it, the second pass reading L1), and chunks are combined with Chan's
-// formula in double, in chunk order, so results do not depend on the thread count.
-// Roofline: DRAM bandwidth (~2 bytes moved per fp32 byte of x), i.e. the time of x.clone().
+// there. NCHW statistics take one pass per 4096-element chunk (per-lane exact block
+// statistics merged with Chan's formula, contiguous_stats); channels_last ones are two-pass per
+// chunk (the second pass reading L1). Chunks are combined with Chan's formula in double, in
+// chunk order, so results do not depend on the thread count.
+// Roofline: DRAM bandwidth (~2 bytes moved per fp32 byte of x), i.e. the time of x.clone(). In
+// practice SiLU's arithmetic bounds 16-bit data (~5 of ~10 cycles per 16 elements on Zen 5):
+// the normalize loop is software-pipelined for it (pipelined_act).
 #include <omp.h>
 
 #include <algorithm>
@@ -79,69 +82,136 @@ void channel_coefs(const GroupNormParams& p, int64_t n, int64_t c0, int64_t nc, 
   }
 }
 
-// Two-pass statistics of n <= kChunk contiguous elements. buf (kChunk floats) stages the fp32
-// values of 16-bit inputs so that the second pass reads L1 without converting again. Four
-// accumulators per pass: the add/FMA latency (3-4 cycles) would otherwise bound the loop.
+// Chan et al.'s merge of two sets of statistics (mean, m2 over counts na, nb), in double.
+inline ChunkStat merge_stats(const ChunkStat& a, const ChunkStat& b) {
+  if (a.count == 0) return b;
+  if (b.count == 0) return a;
+  const double na = static_cast<double>(a.count), nb = static_cast<double>(b.count), n = na + nb;
+  const double d = static_cast<double>(b.mean) - a.mean;
+  return ChunkStat{a.count + b.count, static_cast<float>(a.mean + d * (nb / n)),
+                   static_cast<float>(static_cast<double>(a.m2) + b.m2 + d * d * (na * nb / n))};
+}
+
+// Two-pass statistics of n (any, small) contiguous elements, both passes reading x (from L1).
 template <typename T>
-ChunkStat contiguous_stats(const T* x, int64_t n, float* buf) {
-  constexpr bool kF32 = std::is_same<T, float>::value;
-  vfloat acc[4] = {vset1(0.f), vset1(0.f), vset1(0.f), vset1(0.f)};
+ChunkStat two_pass_stats(const T* x, int64_t n) {
+  if (n == 0) return ChunkStat{0, 0.f, 0.f};
+  vfloat acc = vset1(0.f);
   int64_t i = 0;
-  for (; i + 4 * kVec <= n; i += 4 * kVec) {
-    for (int u = 0; u < 4; ++u) {
-      const vfloat v = vload(x + i + u * kVec);
-      if constexpr (!kF32) vstoreu(buf + i + u * kVec, v);
-      acc[u] += v;
-    }
-  }
-  for (; i + kVec <= n; i += kVec) {
-    const vfloat v = vload(x + i);
-    if constexpr (!kF32) vstoreu(buf + i, v);
-    acc[0] += v;
+  for (; i + kVec <= n; i += kVec) acc += vload(x + i);
+  if (i < n) acc += vload_partial(x + i, n - i);  // zero lanes add nothing
+  const float mean = vsum(acc) / static_cast<float>(n);
+  const vfloat vm = vset1(mean);
+  acc = vset1(0.f);
+  for (i = 0; i + kVec <= n; i += kVec) {
+    const vfloat d = vload(x + i) - vm;
+    acc = vfma(d, d, acc);
   }
   float tail = 0.f;
-  for (int64_t j = i; j < n; ++j) {
-    const float v = to_float(x[j]);
-    if constexpr (!kF32) buf[j] = v;
-    tail += v;
-  }
-  const float mean = (vsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail) / static_cast<float>(n);
-
-  const float* src;
-  if constexpr (kF32) src = x; else src = buf;
-  const vfloat vm = vset1(mean);
-  for (auto& a : acc) a = vset1(0.f);
-  i = 0;
-  for (; i + 4 * kVec <= n; i += 4 * kVec) {
-    for (int u = 0; u < 4; ++u) {
-      const vfloat d = vloadu(src + i + u * kVec) - vm;
-      acc[u] = vfma(d, d, acc[u]);
-    }
-  }
-  for (; i + kVec <= n; i += kVec) {
-    const vfloat d = vloadu(src + i) - vm;
-    acc[0] = vfma(d, d, acc[0]);
-  }
-  tail = 0.f;
-  for (int64_t j = i; j < n; ++j) {
-    const float d = src[j] - mean;
+  for (; i < n; ++i) {
+    const float d = to_float(x[i]) - mean;
     tail += d * d;
   }
-  return ChunkStat{n, mean, vsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail};
+  return ChunkStat{n, mean, vsum(acc) + tail};
+}
+
+// Statistics of n <= kChunk contiguous elements in one pass over x (each element is loaded
+// and, for 16-bit types, converted once: 2 or 4 bytes read, nothing written). Values are
+// first shifted by K, the mean of the first 128, so that means and merge deltas are of the
+// size of the spread, not of |mean|: without it a group of 1e4 + N(0, 1) loses 4x in rstd to
+// the fp32 rounding of the running means, and with K = x[0] the mean of a zero-mean group is
+// 5x less exact (its error ~ |mean - K| 2^-24).
+// Per lane, a block of kStatVecs vectors (128 elements) is held in registers, its exact mean
+// and sum of squared deviations taken there (the two-pass formula on 8 values: a sum, then 8
+// FMAs of deviations), and merged into the lane's running (mean, m2) with Chan's formula; all
+// lanes hold the same count, so the merge weights are scalars. The 16 lanes and the tail of
+// < 128 elements (two-pass) are merged at the end, in double. No E[x^2] - E[x]^2 anywhere
+// (DESIGN.md). Per vector: 2 subtracts, 1 add, 1 FMA (+ 5 ops per block of 8 vectors),
+// against two passes and an fp32 staging copy of 16-bit data before.
+constexpr int kStatVecs = 8;
+template <typename T>
+ChunkStat contiguous_stats(const T* x, int64_t n) {
+  constexpr int64_t kBlock = kStatVecs * kVec;
+  float shift = 0.f;
+  if (n >= kBlock) {
+    vfloat acc = vset1(0.f);
+    for (int u = 0; u < kStatVecs; ++u) acc += vload(x + u * kVec);
+    shift = vsum(acc) * (1.0f / kBlock);
+  }
+  const vfloat vshift = vset1(shift);
+  vfloat mean = vset1(0.f), m2 = vset1(0.f);  // per lane, of the shifted values
+  int64_t nb = 0;  // blocks merged so far: each lane has seen nb * kStatVecs values
+  for (; (nb + 1) * kBlock <= n; ++nb) {
+    const T* xb = x + nb * kBlock;
+    vfloat v[kStatVecs];
+    for (int u = 0; u < kStatVecs; ++u) v[u] = vload(xb + u * kVec) - vshift;
+    const vfloat bmean = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) *
+                         (1.0f / kStatVecs);
+    vfloat q0 = vset1(0.f), q1 = vset1(0.f);  // two chains: FMA latency
+    for (int u = 0; u < kStatVecs; u += 2) {
+      const vfloat d0 = v[u] - bmean, d1 = v[u + 1] - bmean;
+      q0 = vfma(d0, d0, q0);
+      q1 = vfma(d1, d1, q1);
+    }
+    // Chan: counts na = nb * 8 (running) and 8 (block): mean += d / (nb + 1),
+    // m2 += q + d^2 * 8 nb / (nb + 1). (A running sum instead of the mean measured 6% slower
+    // and no more exact after the shift.)
+    const float w = 1.0f / static_cast<float>(nb + 1);
+    const vfloat d = bmean - mean;
+    mean = vfma(d, vset1(w), mean);
+    m2 = vfma(d * vset1(static_cast<float>(kStatVecs * nb) * w), d, m2 + (q0 + q1));
+  }
+  ChunkStat st{0, 0.f, 0.f};
+  if (nb > 0) {  // merge the lanes: equal counts, so the mean is the lane average
+    const float lanes_mean = vsum(mean) * (1.0f / kVec);
+    const vfloat dm = mean - vset1(lanes_mean);
+    const float lane_count = static_cast<float>(nb * kStatVecs);
+    st = ChunkStat{nb * kBlock, static_cast<float>(static_cast<double>(lanes_mean) + shift),
+                   vsum(vfma(dm * vset1(lane_count), dm, m2))};
+  }
+  return merge_stats(st, two_pass_stats(x + nb * kBlock, n - nb * kBlock));
+}
+
+// store(k, act(pre(k))) for the vectors k = 0 .. nv - 1, pre called once per vector in
+// order. Software-pipelined two deep: the first stage of the activation (ActStages::start,
+// cpu_vec.h) of vector k + 2 is issued before the finish and store of vector k, so the long
+// SiLU dependency chains overlap instead of filling the out-of-order scheduler.
+template <Activation ACT, bool kFast, typename Pre, typename Store>
+inline void pipelined_act(int64_t nv, Pre&& pre, Store&& store) {
+  using St = ActStages<ACT, kFast>;
+  int64_t k = 0;
+  if (nv >= 2) {
+    typename St::State s0 = St::start(pre(0)), s1 = St::start(pre(1));
+    for (; k + 4 <= nv; k += 2) {
+      const typename St::State n0 = St::start(pre(k + 2));
+      store(k, St::finish(s0));
+      const typename St::State n1 = St::start(pre(k + 3));
+      store(k + 1, St::finish(s1));
+      s0 = n0;
+      s1 = n1;
+    }
+    store(k, St::finish(s0));
+    store(k + 1, St::finish(s1));
+    k += 2;
+  }
+  for (; k < nv; ++k) store(k, St::finish(St::start(pre(k))));
 }
 
 // y[i] = act((x[i] - mean) * a + b) for n contiguous elements. kExact = false: branch-free
 // stores that may flush subnormal bf16 results (see vstore_flagged); returns whether one did.
+// Per element: read x once (L2, just pulled in by the statistics), write y once.
 template <typename T, Activation ACT, bool kExact>
 bool affine_act_loop(const T* x, T* y, int64_t n, float mean, float a, float b) {
   constexpr bool kFast = !std::is_same<T, float>::value;  // 16-bit output: see cpu_vec.h
   const vfloat vm = vset1(mean), va = vset1(a), vb = vset1(b);
   uint32_t flushed = 0;
-  int64_t i = 0;
-  for (; i + kVec <= n; i += kVec) {
-    const vfloat v = vactivation<ACT, kFast>(vfma(vload(x + i) - vm, va, vb));
-    if constexpr (kExact) vstore(y + i, v); else vstore_flagged(y + i, v, flushed);
-  }
+  const int64_t nv = n / kVec;
+  pipelined_act<ACT, kFast>(
+      nv, [&](int64_t k) { return vfma(vload(x + k * kVec) - vm, va, vb); },
+      [&](int64_t k, vfloat v) {
+        if constexpr (kExact) vstore(y + k * kVec, v); else vstore_flagged(y + k * kVec, v, flushed);
+      });
+  const int64_t i = nv * kVec;
   if (i < n) {
     const int64_t r = n - i;
     vstore_partial(y + i, vactivation<ACT, kFast>(vfma(vload_partial(x + i, r) - vm, va, vb)), r);
@@ -172,10 +242,10 @@ void group_norm_nchw(const GroupNormParams& p) {
   const int64_t nchunks = (L + kChunk - 1) / kChunk;
   const int nt = thread_count(p.N * p.C * S);
 
-  auto block_stats = [&](int64_t blk, int64_t k0, int64_t k1, ChunkStat* st, float* buf) {
+  auto block_stats = [&](int64_t blk, int64_t k0, int64_t k1, ChunkStat* st) {
     const T* xb = x + blk * L;
     for (int64_t k = k0; k < k1; ++k)
-      st[k] = contiguous_stats(xb + k * kChunk, std::min(kChunk, L - k * kChunk), buf);
+      st[k] = contiguous_stats(xb + k * kChunk, std::min(kChunk, L - k * kChunk));
   };
   auto block_normalize = [&](int64_t blk, int64_t lo, int64_t hi, float mean, const float* A,
                              const float* B) {
@@ -203,10 +273,10 @@ void group_norm_nchw(const GroupNormParams& p) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       std::vector<ChunkStat> st(nchunks);
-      std::vector<float> A(Cg), B(Cg), buf(kChunk);
+      std::vector<float> A(Cg), B(Cg);
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < nblocks; ++blk) {
-        block_stats(blk, 0, nchunks, st.data(), buf.data());
+        block_stats(blk, 0, nchunks, st.data());
         const float mean = block_finish(blk, st.data(), true, A.data(), B.data());
         block_normalize(blk, 0, L, mean, A.data(), B.data());
       }
@@ -219,10 +289,10 @@ void group_norm_nchw(const GroupNormParams& p) {
     {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
       const int64_t k0 = nchunks * tid / nth, k1 = nchunks * (tid + 1) / nth;
-      std::vector<float> A(Cg), B(Cg), buf(kChunk);
+      std::vector<float> A(Cg), B(Cg);
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         ChunkStat* sb = st.data() + blk * nchunks;
-        block_stats(blk, k0, k1, sb, buf.data());
+        block_stats(blk, k0, k1, sb);
 #pragma omp barrier
         const float mean = block_finish(blk, sb, tid == 0, A.data(), B.data());
         block_normalize(blk, k0 * kChunk, std::min(L, k1 * kChunk), mean, A.data(), B.data());
@@ -341,14 +411,21 @@ bool cl_normalize_loop(const ClGeometry& g, const T* xc, T* yc, int64_t m, const
   const float* arep = w.arep.data();
   const float* brep = w.brep.data();
   uint32_t flushed = 0;
-  int64_t i = 0, off = 0;
-  for (; i + kVec <= m; i += kVec) {
-    const vfloat d = vload(xc + i) - vloadu(nrep + off);
-    const vfloat v = vactivation<ACT, kFast>(vfma(d, vloadu(arep + off), vloadu(brep + off)));
-    if constexpr (kExact) vstore(yc + i, v); else vstore_flagged(yc + i, v, flushed);
-    off += kVec;
-    if (off == g.P) off = 0;
-  }
+  const int64_t nv = m / kVec;
+  int64_t off = 0;  // (k * kVec) % P for the vector k that pre is called for (in order)
+  pipelined_act<ACT, kFast>(
+      nv,
+      [&](int64_t k) {
+        const vfloat d = vload(xc + k * kVec) - vloadu(nrep + off);
+        const vfloat v = vfma(d, vloadu(arep + off), vloadu(brep + off));
+        off += kVec;
+        if (off == g.P) off = 0;
+        return v;
+      },
+      [&](int64_t k, vfloat v) {
+        if constexpr (kExact) vstore(yc + k * kVec, v); else vstore_flagged(yc + k * kVec, v, flushed);
+      });
+  const int64_t i = nv * kVec;
   if (i < m) {
     const vfloat d = vload_partial(xc + i, m - i) - vloadu(nrep + off);
     const vfloat v = vfma(d, vloadu(arep + off), vloadu(brep + off));
