@@ -14,12 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flashdiff
-from flashdiff.patch import FlashdiffAttnProcessor, FlashGroupNorm, patch, patched, unpatch
+from flashdiff.patching import FlashdiffAttnProcessor, FlashGroupNorm, patch, patched, unpatch
 from flashdiff.testing import assert_close
 
 diffusers = pytest.importorskip("diffusers")
 
-fpatch = importlib.import_module("flashdiff.patch")  # the module (flashdiff.patch may be the function)
+fpatch = importlib.import_module("flashdiff.patching.sdpa")  # the SDPA override module
+fattn = importlib.import_module("flashdiff.patching.attention")  # FlashdiffAttnProcessor's routing
 
 
 # ------------------------------------------------------------------ tiny models
@@ -209,7 +210,7 @@ def test_attention_falls_back_per_call():
     q, k, v = (torch.randn(2, 3, 5, 16) for _ in range(3))
     kpm = torch.tensor([[True] * 5, [True, True, False, False, False]])
     causal = fpatch._TORCH_SDPA(q, k, v, is_causal=True)
-    torch.testing.assert_close(fpatch._attention_call(q, k, v, kpm[:, None, None, :], backend="cuda"),
+    torch.testing.assert_close(fattn._attention_call(q, k, v, kpm[:, None, None, :], backend="cuda"),
                                fpatch._TORCH_SDPA(q, k, v, attn_mask=kpm[:, None, None, :]))
     with fpatch.sdpa_override():
         assert F.scaled_dot_product_attention is fpatch._sdpa_override

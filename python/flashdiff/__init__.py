@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from . import reference
 from .backends import available_backends, backend_status, explain, set_override
-from .patch import (
+from .patching import (
     PatchReport, disable_sdpa_override, enable_sdpa_override, patch, patched, sdpa_override, unpatch,
 )
 from .ops import (

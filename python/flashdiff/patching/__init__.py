@@ -1,0 +1,134 @@
+"""Drop-in: route an existing model or diffusers pipeline through flashdiff, and back.
+
+    report = flashdiff.patch(pipe)          # GroupNorm(+SiLU), diffusers attention, scheduler
+    print(report)                           # what was replaced, what was left alone and why
+    flashdiff.unpatch(pipe)                 # the original module objects, processors, scheduler
+    with flashdiff.patched(pipe): ...       # the same, scoped
+    with flashdiff.sdpa_override(): ...     # F.scaled_dot_product_attention -> flashdiff where it can
+
+What `patch` changes, and only where the structure makes the change certain:
+
+- group norm: every `torch.nn.GroupNorm` (exact type, no hooks) becomes a `FlashGroupNorm`
+  holding the *same* weight and bias Parameters (state_dict keys and values unchanged).
+  A SiLU/GELU that directly follows it is fused into the same pass when
+    * the block is a diffusers `ResnetBlock2D` whose `forward` is one flashdiff knows
+      (an AST fingerprint, resnet.py; a changed diffusers forward disables the fusion, not the patch):
+      the instance's class is swapped for `FusedResnetBlock2D`, whose forward is diffusers'
+      with `norm → act` (and scale-shift `norm → modulate → act`) as one flashdiff.group_norm;
+    * or the parent's source shows `h = self.norm(h)` immediately followed by
+      `h = self.act(h)`, `self.act` appears nowhere else in the class, and neither module is
+      shared or hooked: the norm becomes a fused FlashGroupNorm and the act an `nn.Identity`.
+- attention: modules with a diffusers `processor` whose type is exactly `AttnProcessor2_0`
+  get a `FlashdiffAttnProcessor` (same math, calling flashdiff.attention). Other processors
+  (custom, LoRA, IP-adapter, fused-QKV, attention-dispatch ones) are left alone and listed;
+  the dispatch-based ones call torch SDPA through diffusers' "native" backend, which
+  `sdpa_override()` routes.
+- scheduler (pipelines): the flashdiff scheduler of the same class name, `from_config` of
+  the pipeline's scheduler config.
+
+Per call, an input the fused kernels cannot serve falls back (flashdiff's auto dispatch, or
+torch) and never raises. One difference is intended: a query row whose keys are all masked
+out gives zeros in flashdiff (torch SDPA gives NaN), see docs/internals.md.
+
+Layout: report.py (PatchReport, the undo record), group_norm.py (FlashGroupNorm),
+resnet.py (FusedResnetBlock2D), norm_act.py (GroupNorm replacement and norm→act fusion),
+attention.py (FlashdiffAttnProcessor), scheduler.py (scheduler swap), sdpa.py (the global
+SDPA override); this file: patch / unpatch / patched.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from ..backends import BACKENDS
+from .attention import FlashdiffAttnProcessor, _patch_attention
+from .group_norm import FlashGroupNorm
+from .norm_act import _patch_group_norms
+from .report import PatchReport, _State
+from .scheduler import _patch_scheduler
+from .sdpa import disable_sdpa_override, enable_sdpa_override, sdpa_override, sdpa_override_enabled
+
+__all__ = [
+    "patch", "unpatch", "patched", "PatchReport", "FlashGroupNorm", "FlashdiffAttnProcessor",
+    "enable_sdpa_override", "disable_sdpa_override", "sdpa_override",
+]
+
+
+_STATES: "weakref.WeakKeyDictionary[Any, _State]" = weakref.WeakKeyDictionary()
+
+
+def _is_pipeline(obj) -> bool:
+    return not isinstance(obj, nn.Module) and isinstance(getattr(obj, "components", None), dict)
+
+
+def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool = True,
+          backend: Optional[str] = None) -> PatchReport:
+    """Route `obj` (a torch nn.Module or a diffusers pipeline) through flashdiff, in place.
+
+    Args:
+        obj: an nn.Module (any model, diffusers or not) or a diffusers pipeline (every
+            nn.Module component is patched, and its scheduler).
+        attention: replace diffusers AttnProcessor2_0 processors by FlashdiffAttnProcessor.
+        group_norm: replace torch.nn.GroupNorm, fusing a directly following SiLU/GELU where
+            the module structure shows it.
+        scheduler: replace a pipeline's scheduler by flashdiff's of the same class.
+        backend: None/"auto" or a backend name for every op; an input that backend cannot
+            serve falls back to auto, per call.
+    Returns: a PatchReport (print it). Undo with `flashdiff.unpatch(obj)`.
+    """
+    if backend == "auto":
+        backend = None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None, 'auto' or one of {BACKENDS}, got {backend!r}")
+    if not (isinstance(obj, nn.Module) or _is_pipeline(obj)):
+        raise TypeError(f"obj must be a torch.nn.Module or a diffusers pipeline, got {type(obj).__name__}")
+    if obj in _STATES:
+        raise ValueError(f"this {type(obj).__name__} is already patched; call flashdiff.unpatch first")
+
+    state, report = _State(), PatchReport(type(obj).__name__)
+    if _is_pipeline(obj):
+        roots = [(f"{name}.", comp) for name, comp in obj.components.items() if isinstance(comp, nn.Module)]
+    else:
+        roots = [("", obj)]
+    for prefix, root in roots:
+        if group_norm:
+            _patch_group_norms(root, prefix, backend, state, report)
+        if attention:
+            _patch_attention(root, prefix, backend, state, report)
+    if scheduler and _is_pipeline(obj):
+        _patch_scheduler(obj, state, report)
+    state.report = report
+    _STATES[obj] = state
+    return report
+
+
+def unpatch(obj) -> None:
+    """Undo `patch(obj)`: the original module objects, processors and scheduler are put back,
+    so the model computes bit-identically to before. A no-op on an object not patched."""
+    state = _STATES.pop(obj, None)
+    if state is None:
+        return
+    if state.scheduler is not None:
+        pipe, attr, original = state.scheduler
+        setattr(pipe, attr, original)
+    for m, proc in reversed(state.processors):
+        m.set_processor(proc)
+    for m, cls in reversed(state.classes):
+        m.__class__ = cls
+        m.__dict__.pop("_flashdiff_act", None)
+        m.__dict__.pop("_flashdiff_backend", None)
+    for parent, name, original in reversed(state.modules):
+        setattr(parent, name, original)
+
+
+@contextlib.contextmanager
+def patched(obj, **kwargs):
+    """`with flashdiff.patched(pipe) as report: ...`; unpatched on exit, even on error."""
+    report = patch(obj, **kwargs)
+    try:
+        yield report
+    finally:
+        unpatch(obj)
