@@ -1,0 +1,246 @@
+"""The per-op cases: each times flashdiff's backends next to the strongest baselines of the op
+(attention: SDPA per backend; group_norm: eager, torch.compile, a copy; scheduler: eager,
+diffusers, torch.compile), in the same process, on the same inputs."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import presets as P
+from .core import DTYPE_NAME, EPS, Case, Row, Skip, _Compiler, _explain_or_skip, _first_line, _sanity_tol
+
+# ---- attention
+_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def _sdpa_row(backend_name: Optional[str]) -> Row:
+    label = "sdpa" if backend_name is None else "sdpa " + backend_name.split("_")[0].lower()
+
+    def make(inp):
+        q, k, v = inp["q"], inp["k"], inp["v"]
+        if backend_name is None:
+            fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            be = getattr(SDPBackend, backend_name, None)
+            if be is None:
+                raise Skip(f"this torch has no SDPBackend.{backend_name}")
+
+            def fn():
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(q, k, v)
+        try:
+            out = fn()
+        except RuntimeError as err:  # includes CUDA out-of-memory
+            raise Skip(f"{label} does not run here: {_first_line(err)}") from None
+        inp.setdefault("expected", out)
+        return fn
+
+    return Row(label, "baseline", make)
+
+
+def attention_cases(preset: str, batch: int, s: P.AttentionShape, dtype: torch.dtype, device: str,
+                    backends: Sequence[str], compiler: _Compiler) -> Case:
+    def setup():
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(s.B, s.H, s.Sq, s.D, device=device, dtype=dtype, generator=g)
+        k = torch.randn(s.B, s.H, s.Skv, s.D, device=device, dtype=dtype, generator=g)
+        v = torch.randn(s.B, s.H, s.Skv, s.D, device=device, dtype=dtype, generator=g)
+        return {"q": q, "k": k, "v": v}
+
+    rows = []
+    for b in backends:
+        def make(inp, b=b):
+            import flashdiff
+
+            _explain_or_skip("attention", inp["q"], inp["k"], inp["v"], backend=b)
+            return lambda: flashdiff.attention(inp["q"], inp["k"], inp["v"], backend=b)
+        rows.append(Row(b, "flashdiff", make))
+    if device == "cuda":
+        rows += [_sdpa_row(name) for name in _SDPA_BACKENDS]
+    else:
+        rows.append(_sdpa_row(None))
+    return Case("attention", preset, batch, s.label, str(s), DTYPE_NAME[dtype], "TFLOP/s", s.flops,
+                setup, rows, tol=_sanity_tol(dtype))
+
+
+# ---- group norm
+def group_norm_eager(x, groups, weight, bias, activation="silu", scale=None, shift=None, eps=EPS):
+    """What a model without flashdiff runs: torch's GroupNorm, then the modulation, then the
+    activation, each a separate pass."""
+    y = F.group_norm(x, groups, weight, bias, eps)
+    if scale is not None:
+        per_sample = scale.shape + (1,) * (x.dim() - 2)
+        y = y * (1 + scale.reshape(per_sample)) + shift.reshape(per_sample)
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    return y
+
+
+def group_norm_cases(preset: str, batch: int, s: P.NormShape, dtype: torch.dtype, device: str,
+                     backends: Sequence[str], compiler: _Compiler) -> Case:
+    N, C = s.shape[:2]
+
+    def setup():
+        g = torch.Generator(device=device).manual_seed(0)
+        x = (torch.randn(s.shape, device=device, generator=g) * 2 + 0.5).to(dtype)
+        w = torch.randn(C, device=device, generator=g).to(dtype)
+        b = torch.randn(C, device=device, generator=g).to(dtype)
+        sc = (0.5 * torch.randn(N, C, device=device, generator=g)).to(dtype) if s.modulate else None
+        sh = torch.randn(N, C, device=device, generator=g).to(dtype) if s.modulate else None
+        return {"x": x, "w": w, "b": b, "scale": sc, "shift": sh}
+
+    def args(inp):
+        return inp["x"], s.groups, inp["w"], inp["b"]
+
+    rows = []
+    for be in backends:
+        def make(inp, be=be):
+            import flashdiff
+
+            x, G, w, b = args(inp)
+            kw = dict(activation=s.activation, scale=inp["scale"], shift=inp["shift"])
+            _explain_or_skip("group_norm", x, G, w, b, **kw, backend=be)
+            return lambda: flashdiff.group_norm(x, G, w, b, EPS, backend=be, **kw)
+        rows.append(Row(be, "flashdiff", make))
+
+    def make_eager(inp):
+        x, G, w, b = args(inp)
+        fn = lambda: group_norm_eager(x, G, w, b, s.activation, inp["scale"], inp["shift"])  # noqa: E731
+        inp.setdefault("expected", fn())
+        return fn
+
+    def make_compiled(inp):
+        from .. import reference
+
+        x, G, w, b = args(inp)
+
+        def ref(x):
+            y = reference.group_norm(x, G, w, b, EPS, s.activation, inp["scale"], inp["shift"],
+                                     upcast=torch.float32)
+            return y.to(x.dtype)
+        compiled = compiler.compile(f"group_norm {s} {DTYPE_NAME[dtype]}", ref, lambda f: f(x))
+        return lambda: compiled(x)
+
+    def make_copy(inp):
+        x = inp["x"]
+        return lambda: x.clone()  # allocates its output, as the op does
+
+    rows.append(Row("torch eager", "baseline", make_eager))
+    if compiler.enabled:
+        rows.append(Row("torch.compile(ref)", "baseline", make_compiled))
+    rows.append(Row("copy", "copy", make_copy))
+    item = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(s.shape)
+    params = 2 * C + (2 * N * C if s.modulate else 0)
+    work = (2 * numel + params) * item  # read x, write y (+ weight, bias, scale, shift)
+    return Case("group_norm", preset, batch, s.label, str(s), DTYPE_NAME[dtype], "GB/s", work,
+                setup, rows, tol=_sanity_tol(dtype))
+
+
+# ---- scheduler step
+DDIM_A_T, DDIM_A_PREV, GUIDANCE = 0.35, 0.52, 7.5
+FLOW_SIGMA, FLOW_SIGMA_NEXT = 0.8, 0.78
+
+
+def ddim_cfg_eager(x, cond, uncond, a_t: float, a_prev: float, guidance: float):
+    """The DDIM (eta = 0, epsilon) + CFG step as a pipeline writes it in torch ops."""
+    eps = uncond + guidance * (cond - uncond)
+    x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+
+
+def flow_euler_eager(x, v, sigma: float, sigma_next: float):
+    return x + (sigma_next - sigma) * v
+
+
+def _diffusers_row(s: P.StepShape) -> Row:
+    def make(inp):
+        try:
+            import diffusers
+        except ImportError as err:
+            raise Skip(f"diffusers is not installed ({err})") from None
+        x, c, u = inp["x"], inp["cond"], inp["uncond"]
+        if s.family == "ddim":
+            sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                            beta_end=0.012, clip_sample=False, set_alpha_to_one=False)
+            sched.set_timesteps(50)
+            t = sched.timesteps[10]
+
+            def fn():
+                eps = u + GUIDANCE * (c - u) if s.cfg else c
+                return sched.step(eps, t, x, eta=0.0).prev_sample
+        else:
+            sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+            sched.set_timesteps(50)
+            t = sched.timesteps[10]
+
+            def fn():
+                sched._step_index = 10  # step() advances it; keep timing the same step
+                eps = u + GUIDANCE * (c - u) if s.cfg else c
+                return sched.step(eps, t, x).prev_sample
+        fn()
+        return fn
+
+    return Row("diffusers step", "baseline", make)
+
+
+def scheduler_cases(preset: str, batch: int, s: P.StepShape, dtype: torch.dtype, device: str,
+                    backends: Sequence[str], compiler: _Compiler) -> Case:
+    import flashdiff
+
+    def setup():
+        g = torch.Generator(device=device).manual_seed(0)
+        mk = lambda: torch.randn(s.shape, device=device, generator=g).to(dtype)  # noqa: E731
+        inp = {"x": mk(), "cond": mk(), "uncond": mk() if s.cfg else None}
+        if s.family == "ddim":  # a row of the [steps, 12] table a fused scheduler precomputes
+            inp["coefs"] = flashdiff.ddim_coefs(DDIM_A_T, DDIM_A_PREV,
+                                                guidance_scale=GUIDANCE if s.cfg else 1.0, device=device)
+        else:
+            inp["coefs"] = flashdiff.flow_euler_coefs(FLOW_SIGMA, FLOW_SIGMA_NEXT,
+                                                      guidance_scale=GUIDANCE if s.cfg else 1.0,
+                                                      device=device)
+        return inp
+
+    def eager_fn(inp):
+        x, c, u = inp["x"], inp["cond"], inp["uncond"]
+        if s.family == "ddim":
+            if s.cfg:
+                return lambda: ddim_cfg_eager(x, c, u, DDIM_A_T, DDIM_A_PREV, GUIDANCE)
+            return lambda: ddim_cfg_eager(x, c, c, DDIM_A_T, DDIM_A_PREV, 1.0)
+        if s.cfg:
+            return lambda: flow_euler_eager(x, u + GUIDANCE * (c - u), FLOW_SIGMA, FLOW_SIGMA_NEXT)
+        return lambda: flow_euler_eager(x, c, FLOW_SIGMA, FLOW_SIGMA_NEXT)
+
+    rows = []
+    for be in backends:
+        def make(inp, be=be):
+            x, c, u, coefs = inp["x"], inp["cond"], inp["uncond"], inp["coefs"]
+            _explain_or_skip("scheduler_update", x, c, coefs, u, backend=be)
+            return lambda: flashdiff.scheduler_update(x, c, coefs, u, backend=be)
+        rows.append(Row(be, "flashdiff", make))
+
+    def make_eager(inp):
+        fn = eager_fn(inp)
+        inp.setdefault("expected", fn())
+        return fn
+
+    def make_compiled(inp):
+        fn = eager_fn(inp)  # closes over the inputs: compiled with them as constants' shapes
+        compiled = compiler.compile(f"scheduler {s} {DTYPE_NAME[dtype]}", fn, lambda f: f())
+        return compiled
+
+    rows += [Row("torch eager", "baseline", make_eager), _diffusers_row(s)]
+    if compiler.enabled:
+        rows.append(Row("torch.compile(eager)", "baseline", make_compiled))
+    item = torch.empty((), dtype=dtype).element_size()
+    tensors = 4 if s.cfg else 3  # read x, cond (+ uncond), write prev
+    work = tensors * math.prod(s.shape) * item
+    return Case("scheduler", preset, batch, s.label, str(s), DTYPE_NAME[dtype], "GB/s", work,
+                setup, rows, tol=_sanity_tol(dtype))
