@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <stdexcept>
@@ -38,7 +39,21 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 4096;           // elements per statistics chunk (16 KB of fp32)
-constexpr int64_t kParallelMin = 1 << 16;  // fewer elements than this: one thread, no fork
+constexpr int64_t kParallelMin = 1 << 16;  // fewer elements: the calling thread (thread_count)
+
+// vsum's pairwise tree (lane i + i+8, + i+4, + i+2, + i+1: the same bits) kept in registers:
+// g++ compiles vsum's loop through the stack, ~30 cycles that dominated blocks of 64 elements.
+inline float hsum(vfloat v) {
+#if defined(__AVX512F__)
+  const __m512 z = (__m512)v;  // swap 256-bit halves, then 128-bit quarters
+  const __m512 s8 = _mm512_add_ps(z, _mm512_maskz_shuffle_f32x4(0xffff, z, z, 0x4e));
+  const __m512 s4 = _mm512_add_ps(s8, _mm512_maskz_shuffle_f32x4(0xffff, s8, s8, 0xb1));
+  const vfloat q = (vfloat)s4;
+  return (q[0] + q[2]) + (q[1] + q[3]);
+#else
+  return vsum(v);
+#endif
+}
 
 struct ChunkStat {
   int64_t count;
@@ -68,14 +83,45 @@ void combine_stats(const ChunkStat* st, int64_t nchunks, int64_t stride, float e
 }
 
 // A, B for channels [c0, c0 + nc) of sample n, whose group has rstd: y = (x - mean) * A + B.
+// In double, 8 channels per vector (a group of 64 channels, adaLN's LayerNorm, took as long
+// scalar as its statistics); the same operations as the scalar tail, so every channel gets
+// the same bits whichever loop computes it (-std=c++17: no FMA contraction).
 void channel_coefs(const GroupNormParams& p, int64_t n, int64_t c0, int64_t nc, float rstd,
                    float* A, float* B) {
-  for (int64_t j = 0; j < nc; ++j) {
+  typedef double vdouble8 __attribute__((vector_size(64)));
+  typedef float vfloat8 __attribute__((vector_size(32)));
+  auto load8 = [](const float* ptr, double dflt) {
+    if (ptr == nullptr) return vdouble8{} + dflt;
+#if defined(__AVX512F__)
+    // One vcvtps2pd (g++ splits __builtin_convertvector into 256-bit halves).
+    return (vdouble8)_mm512_maskz_cvtps_pd(0xff, _mm256_loadu_ps(ptr));
+#else
+    vfloat8 v;
+    std::memcpy(&v, ptr, sizeof v);
+    return __builtin_convertvector(v, vdouble8);
+#endif
+  };
+  const float* sc = p.scale ? p.scale + n * p.C : nullptr;
+  const float* sh = p.shift ? p.shift + n * p.C : nullptr;
+  int64_t j = 0;
+  for (; j + 8 <= nc; j += 8) {
+    const int64_t c = c0 + j;
+    const vdouble8 w = load8(p.weight ? p.weight + c : nullptr, 1.0);
+    const vdouble8 b = load8(p.bias ? p.bias + c : nullptr, 0.0);
+    const vdouble8 s = sc ? 1.0 + load8(sc + c, 0.0) : vdouble8{} + 1.0;
+    const vdouble8 t = load8(sh ? sh + c : nullptr, 0.0);
+    const vdouble8 a = static_cast<double>(rstd) * w;
+    const vfloat8 va = __builtin_convertvector(a * s, vfloat8);
+    const vfloat8 vb = __builtin_convertvector(b * s + t, vfloat8);
+    std::memcpy(A + j, &va, sizeof va);
+    std::memcpy(B + j, &vb, sizeof vb);
+  }
+  for (; j < nc; ++j) {
     const int64_t c = c0 + j;
     const double w = p.weight ? p.weight[c] : 1.0f;
     const double b = p.bias ? p.bias[c] : 0.0f;
-    const double s = p.scale ? 1.0 + static_cast<double>(p.scale[n * p.C + c]) : 1.0;
-    const double t = p.shift ? p.shift[n * p.C + c] : 0.0f;
+    const double s = sc ? 1.0 + static_cast<double>(sc[c]) : 1.0;
+    const double t = sh ? sh[c] : 0.0f;
     const double a = static_cast<double>(rstd) * w;
     A[j] = static_cast<float>(a * s);
     B[j] = static_cast<float>(b * s + t);
@@ -100,7 +146,7 @@ ChunkStat two_pass_stats(const T* x, int64_t n) {
   int64_t i = 0;
   for (; i + kVec <= n; i += kVec) acc += vload(x + i);
   if (i < n) acc += vload_partial(x + i, n - i);  // zero lanes add nothing
-  const float mean = vsum(acc) / static_cast<float>(n);
+  const float mean = hsum(acc) / static_cast<float>(n);
   const vfloat vm = vset1(mean);
   acc = vset1(0.f);
   for (i = 0; i + kVec <= n; i += kVec) {
@@ -112,7 +158,7 @@ ChunkStat two_pass_stats(const T* x, int64_t n) {
     const float d = to_float(x[i]) - mean;
     tail += d * d;
   }
-  return ChunkStat{n, mean, vsum(acc) + tail};
+  return ChunkStat{n, mean, hsum(acc) + tail};
 }
 
 // Statistics of n <= kChunk contiguous elements in one pass over x (each element is loaded
@@ -136,7 +182,7 @@ ChunkStat contiguous_stats(const T* x, int64_t n) {
   if (n >= kBlock) {
     vfloat acc = vset1(0.f);
     for (int u = 0; u < kStatVecs; ++u) acc += vload(x + u * kVec);
-    shift = vsum(acc) * (1.0f / kBlock);
+    shift = hsum(acc) * (1.0f / kBlock);
   }
   const vfloat vshift = vset1(shift);
   vfloat mean = vset1(0.f), m2 = vset1(0.f);  // per lane, of the shifted values
@@ -163,11 +209,11 @@ ChunkStat contiguous_stats(const T* x, int64_t n) {
   }
   ChunkStat st{0, 0.f, 0.f};
   if (nb > 0) {  // merge the lanes: equal counts, so the mean is the lane average
-    const float lanes_mean = vsum(mean) * (1.0f / kVec);
+    const float lanes_mean = hsum(mean) * (1.0f / kVec);
     const vfloat dm = mean - vset1(lanes_mean);
     const float lane_count = static_cast<float>(nb * kStatVecs);
     st = ChunkStat{nb * kBlock, static_cast<float>(static_cast<double>(lanes_mean) + shift),
-                   vsum(vfma(dm * vset1(lane_count), dm, m2))};
+                   hsum(vfma(dm * vset1(lane_count), dm, m2))};
   }
   return merge_stats(st, two_pass_stats(x + nb * kBlock, n - nb * kBlock));
 }
@@ -197,42 +243,94 @@ inline void pipelined_act(int64_t nv, Pre&& pre, Store&& store) {
   for (; k < nv; ++k) store(k, St::finish(St::start(pre(k))));
 }
 
-// y[i] = act((x[i] - mean) * a + b) for n contiguous elements. kExact = false: branch-free
-// stores that may flush subnormal bf16 results (see vstore_flagged); returns whether one did.
-// Per element: read x once (L2, just pulled in by the statistics), write y once.
-template <typename T, Activation ACT, bool kExact>
-bool affine_act_loop(const T* x, T* y, int64_t n, float mean, float a, float b) {
+// Coefficients of the normalize loops below: one channel's (a, b) for a run of that channel,
+// or per-element arrays A[i], B[i] for runs that cross channels (small spatial sizes).
+struct ScalarCoefs {
+  vfloat a, b;
+  ScalarCoefs(float a_, float b_) : a(vset1(a_)), b(vset1(b_)) {}
+  vfloat A(int64_t) const { return a; }
+  vfloat B(int64_t) const { return b; }
+  vfloat A_partial(int64_t, int64_t) const { return a; }
+  vfloat B_partial(int64_t, int64_t) const { return b; }
+};
+struct ArrayCoefs {
+  const float* a;
+  const float* b;
+  vfloat A(int64_t i) const { return vloadu(a + i); }
+  vfloat B(int64_t i) const { return vloadu(b + i); }
+  vfloat A_partial(int64_t i, int64_t r) const { return vload_partial(a + i, r); }
+  vfloat B_partial(int64_t i, int64_t r) const { return vload_partial(b + i, r); }
+};
+
+// y[i] = act((x[i] - mean) * A[i] + B[i]) for n contiguous elements. kExact = false:
+// branch-free stores that may flush subnormal bf16 results (see vstore_flagged); returns
+// whether one did. Per element: read x once (L2, just pulled in by the statistics), write y once.
+template <typename T, Activation ACT, bool kExact, typename Coefs>
+bool affine_act_loop(const T* x, T* y, int64_t n, float mean, const Coefs& cf) {
   constexpr bool kFast = !std::is_same<T, float>::value;  // 16-bit output: see cpu_vec.h
-  const vfloat vm = vset1(mean), va = vset1(a), vb = vset1(b);
+  const vfloat vm = vset1(mean);
   uint32_t flushed = 0;
   const int64_t nv = n / kVec;
   pipelined_act<ACT, kFast>(
-      nv, [&](int64_t k) { return vfma(vload(x + k * kVec) - vm, va, vb); },
+      nv,
+      [&](int64_t k) { return vfma(vload(x + k * kVec) - vm, cf.A(k * kVec), cf.B(k * kVec)); },
       [&](int64_t k, vfloat v) {
         if constexpr (kExact) vstore(y + k * kVec, v); else vstore_flagged(y + k * kVec, v, flushed);
       });
   const int64_t i = nv * kVec;
   if (i < n) {
     const int64_t r = n - i;
-    vstore_partial(y + i, vactivation<ACT, kFast>(vfma(vload_partial(x + i, r) - vm, va, vb)), r);
+    const vfloat v = vfma(vload_partial(x + i, r) - vm, cf.A_partial(i, r), cf.B_partial(i, r));
+    vstore_partial(y + i, vactivation<ACT, kFast>(v), r);
   }
   return flushed != 0;
 }
 
-template <typename T, Activation ACT>
-void affine_act_run(const T* x, T* y, int64_t n, float mean, float a, float b) {
+template <typename T, Activation ACT, typename Coefs>
+void affine_act_run(const T* x, T* y, int64_t n, float mean, const Coefs& cf) {
   if constexpr (kStoreMayFlush<T>) {
-    if (disjoint(x, y, n) && !affine_act_loop<T, ACT, false>(x, y, n, mean, a, b)) return;
+    if (disjoint(x, y, n) && !affine_act_loop<T, ACT, false>(x, y, n, mean, cf)) return;
   }
-  affine_act_loop<T, ACT, true>(x, y, n, mean, a, b);  // exact (or a rare redo)
+  affine_act_loop<T, ACT, true>(x, y, n, mean, cf);  // exact (or a rare redo)
 }
 
+// Threads for a call of `total` elements. Below kParallelMin it runs on the calling thread,
+// with no OpenMP region at all. On an idle 2-core machine two threads win from ~8K elements
+// (a fork costs ~1 us), but when the other core is oversubscribed the worker waits for a
+// scheduler time slice (8 ms measured, at any size), a risk only a call that gains enough
+// should take: at 64K elements (twice torch's 32K grain) 2 threads save ~5 of ~14 us (fp32
+// SiLU), at 16K ~1 us.
 int thread_count(int64_t total) {
   return total >= kParallelMin ? std::max(1, omp_get_max_threads()) : 1;
 }
 
 // ------------------------------------------------------------------ NCHW: x [N, C, S]
 // An (n, g) block is contiguous: Cg * S elements, channel c of the block at [c * S, (c+1) * S).
+// Short channel runs (adaLN's LayerNorm is [N, C, 1]) are normalized in runs that cross
+// channels, with A, B expanded per element (kPiece at a time), instead of one run per channel:
+// each run costs a partial (memcpy) load and store at its end, which made a [3200, 64, 1] call
+// 3-5x slower than torch. Measured ([256, 64, S], SiLU): expanded is faster for S < 32 and for
+// S < 128 not a multiple of 16 (S = 65: 30% faster); per channel for S = 64, 96 and S >= 128
+// (the expansion's extra loads cost ~10%).
+inline bool expand_coefs(int64_t S) { return S < 32 || (S < 128 && S % kVec != 0); }
+constexpr int64_t kPiece = 1024;
+
+// Blocks smaller than a chunk are processed up to kMaxBatch at a time (at most kChunk elements,
+// in L1): statistics of all, then mean/rstd of all, then normalize all. A block of 64 elements
+// alone is one dependent chain (sums, reductions, divide, sqrt, coefficients, ~150 cycles of
+// latency) that the core cannot overlap with the next block's; in phases, the independent
+// chains of a batch overlap.
+constexpr int64_t kMaxBatch = 64;
+
+struct NchwScratch {
+  std::vector<ChunkStat> st;            // per chunk of the blocks in flight
+  std::vector<float> mean, rstd;        // per block in flight
+  std::vector<float> A, B, Arep, Brep;  // per channel of a block; per element of a piece
+  NchwScratch(int64_t nst, int64_t nblk, int64_t Cg, int64_t S)
+      : st(nst), mean(nblk), rstd(nblk), A(Cg), B(Cg),
+        Arep(S > 1 && expand_coefs(S) ? kPiece + kVec : 0), Brep(Arep.size()) {}
+};
+
 template <typename T, Activation ACT>
 void group_norm_nchw(const GroupNormParams& p) {
   const T* x = static_cast<const T*>(p.x);
@@ -247,39 +345,75 @@ void group_norm_nchw(const GroupNormParams& p) {
     for (int64_t k = k0; k < k1; ++k)
       st[k] = contiguous_stats(xb + k * kChunk, std::min(kChunk, L - k * kChunk));
   };
-  auto block_normalize = [&](int64_t blk, int64_t lo, int64_t hi, float mean, const float* A,
-                             const float* B) {
+  // Elements [lo, hi) of block blk.
+  auto block_normalize = [&](int64_t blk, int64_t lo, int64_t hi, float mean, NchwScratch& w) {
     const T* xb = x + blk * L;
     T* yb = y + blk * L;
-    while (lo < hi) {
-      const int64_t c = lo / S, end = std::min(hi, (c + 1) * S);
-      affine_act_run<T, ACT>(xb + lo, yb + lo, end - lo, mean, A[c], B[c]);
-      lo = end;
+    const float* A = w.A.data();
+    const float* B = w.B.data();
+    if (S == 1) {  // element i is channel i
+      affine_act_run<T, ACT>(xb + lo, yb + lo, hi - lo, mean, ArrayCoefs{A + lo, B + lo});
+    } else if (expand_coefs(S)) {
+      float* Ar = w.Arep.data();
+      float* Br = w.Brep.data();
+      while (lo < hi) {
+        const int64_t end = std::min(hi, lo + kPiece);
+        // Whole-vector stores; a channel's last one spills into the next channel's range,
+        // which that channel then overwrites (kVec floats of slack at the end).
+        for (int64_t i = lo; i < end;) {
+          const int64_t c = i / S, e = std::min(end, (c + 1) * S);
+          const vfloat a = vset1(A[c]), b = vset1(B[c]);
+          for (int64_t j = i - lo; j < e - lo; j += kVec) {
+            vstoreu(Ar + j, a);
+            vstoreu(Br + j, b);
+          }
+          i = e;
+        }
+        affine_act_run<T, ACT>(xb + lo, yb + lo, end - lo, mean, ArrayCoefs{Ar, Br});
+        lo = end;
+      }
+    } else {
+      while (lo < hi) {
+        const int64_t c = lo / S, end = std::min(hi, (c + 1) * S);
+        affine_act_run<T, ACT>(xb + lo, yb + lo, end - lo, mean, ScalarCoefs(A[c], B[c]));
+        lo = end;
+      }
     }
   };
-  // Returns the block mean; fills A, B of its channels.
-  auto block_finish = [&](int64_t blk, const ChunkStat* st, bool write, float* A, float* B) {
-    float mean, rstd;
-    combine_stats(st, nchunks, 1, p.eps, &mean, &rstd);
-    if (write && p.mean_out) p.mean_out[blk] = mean;
-    if (write && p.rstd_out) p.rstd_out[blk] = rstd;
-    channel_coefs(p, blk / G, (blk % G) * Cg, Cg, rstd, A, B);
-    return mean;
+  // Mean and rstd of block blk from its chunk statistics (written out if `write`).
+  auto block_finish = [&](int64_t blk, const ChunkStat* st, bool write, float* mean, float* rstd) {
+    combine_stats(st, nchunks, 1, p.eps, mean, rstd);
+    if (write && p.mean_out) p.mean_out[blk] = *mean;
+    if (write && p.rstd_out) p.rstd_out[blk] = *rstd;
+  };
+  auto block_coefs = [&](int64_t blk, float rstd, NchwScratch& w) {
+    channel_coefs(p, blk / G, (blk % G) * Cg, Cg, rstd, w.A.data(), w.B.data());
+  };
+  // Whole blocks [b0, b1) on this thread, `batch` at a time (see kMaxBatch): a block (~160 KB
+  // fp32 for SD's [2, 320, 64, 64]) or a batch stays in the core's cache between the
+  // statistics and normalize passes.
+  const int64_t batch = std::clamp<int64_t>(kChunk / L, 1, kMaxBatch);
+  auto whole_blocks = [&](int64_t b0, int64_t b1) {
+    NchwScratch w(batch * nchunks, batch, Cg, S);
+    for (int64_t blk0 = b0; blk0 < b1; blk0 += batch) {
+      const int64_t nb = std::min(batch, b1 - blk0);
+      for (int64_t j = 0; j < nb; ++j) block_stats(blk0 + j, 0, nchunks, &w.st[j * nchunks]);
+      for (int64_t j = 0; j < nb; ++j)
+        block_finish(blk0 + j, &w.st[j * nchunks], true, &w.mean[j], &w.rstd[j]);
+      for (int64_t j = 0; j < nb; ++j) {
+        block_coefs(blk0 + j, w.rstd[j], w);
+        block_normalize(blk0 + j, 0, L, w.mean[j], w);
+      }
+    }
   };
 
-  if (nt == 1 || nblocks % nt == 0 || nblocks >= 4 * nt) {
-    // Enough blocks: each thread owns whole blocks; a block (~160 KB fp32 for SD's
-    // [2, 320, 64, 64]) stays in the core's L2 between the statistics and normalize passes.
-#pragma omp parallel num_threads(nt) if (nt > 1)
+  if (nt == 1) {
+    whole_blocks(0, nblocks);  // on the calling thread: no fork (see thread_count)
+  } else if (nblocks % nt == 0 || nblocks >= 4 * nt) {
+#pragma omp parallel num_threads(nt)
     {
-      std::vector<ChunkStat> st(nchunks);
-      std::vector<float> A(Cg), B(Cg);
-#pragma omp for schedule(static)
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        block_stats(blk, 0, nchunks, st.data());
-        const float mean = block_finish(blk, st.data(), true, A.data(), B.data());
-        block_normalize(blk, 0, L, mean, A.data(), B.data());
-      }
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      whole_blocks(nblocks * tid / nth, nblocks * (tid + 1) / nth);
     }
   } else {
     // Few blocks (batch 1, few groups): all threads share each block, each taking a contiguous
@@ -289,13 +423,15 @@ void group_norm_nchw(const GroupNormParams& p) {
     {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
       const int64_t k0 = nchunks * tid / nth, k1 = nchunks * (tid + 1) / nth;
-      std::vector<float> A(Cg), B(Cg);
+      NchwScratch w(0, 0, Cg, S);
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         ChunkStat* sb = st.data() + blk * nchunks;
         block_stats(blk, k0, k1, sb);
 #pragma omp barrier
-        const float mean = block_finish(blk, sb, tid == 0, A.data(), B.data());
-        block_normalize(blk, k0 * kChunk, std::min(L, k1 * kChunk), mean, A.data(), B.data());
+        float mean, rstd;
+        block_finish(blk, sb, tid == 0, &mean, &rstd);
+        block_coefs(blk, rstd, w);
+        block_normalize(blk, std::min(L, k0 * kChunk), std::min(L, k1 * kChunk), mean, w);
       }
     }
   }
@@ -466,19 +602,26 @@ void group_norm_channels_last(const GroupNormParams& p) {
     }
   };
 
-  if (nt == 1 || N % nt == 0 || N >= 4 * nt) {
-#pragma omp parallel num_threads(nt) if (nt > 1)
+  // Whole samples [n0, n1) on this thread.
+  auto whole_samples = [&](int64_t n0, int64_t n1) {
+    ClScratch w(g);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* xs = x + n * sample;
+      for (int64_t k = 0; k < nchunks; ++k)
+        cl_chunk_stats(g, xs, k, w, st.data() + (n * nchunks + k) * G);
+      finish_groups(n, 0, G);
+      cl_coefs(p, g, n, mean.data() + n * G, rstd.data() + n * G, w);
+      cl_normalize<T, ACT>(g, xs, y + n * sample, 0, g.S, w);
+    }
+  };
+
+  if (nt == 1) {
+    whole_samples(0, N);  // on the calling thread: no fork (see thread_count)
+  } else if (N % nt == 0 || N >= 4 * nt) {
+#pragma omp parallel num_threads(nt)
     {
-      ClScratch w(g);
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
-        const T* xs = x + n * sample;
-        for (int64_t k = 0; k < nchunks; ++k)
-          cl_chunk_stats(g, xs, k, w, st.data() + (n * nchunks + k) * G);
-        finish_groups(n, 0, G);
-        cl_coefs(p, g, n, mean.data() + n * G, rstd.data() + n * G, w);
-        cl_normalize<T, ACT>(g, xs, y + n * sample, 0, g.S, w);
-      }
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      whole_samples(N * tid / nth, N * (tid + 1) / nth);
     }
   } else {
     // Few samples: threads split each sample's chunks (rows) for both passes.
