@@ -41,8 +41,6 @@ POISON_OUTPUTS = False
 
 
 def new_empty(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
-    if shape is None:
-        out = torch.empty_like(like, dtype=dtype)
-    else:
-        out = like.new_empty(shape, dtype=dtype or like.dtype)
+    """torch.empty_like(like) (or like.new_empty(shape)), NaN-filled while tests poison."""
+    out = torch.empty_like(like, dtype=dtype) if shape is None else like.new_empty(shape, dtype=dtype or like.dtype)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out

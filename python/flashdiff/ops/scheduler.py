@@ -24,7 +24,8 @@ import torch
 
 from .. import _ext, _validate as check, reference
 from ..backends import OpDispatch, register_op
-from ._common import dtype_code, new_empty, ptr, stream_of, use_custom_op
+from .._validate import DTYPE_CODE
+from ._common import new_empty, ptr, stream_of, use_custom_op
 
 Scalar = Union[float, torch.Tensor]
 NUM_COEFS = len(reference.SCHED_COEF_NAMES)
@@ -217,14 +218,27 @@ def dpmpp_2m_coefs(sigma_next: Scalar, sigma: Scalar, sigma_prev: Optional[Scala
 
 
 # ------------------------------------------------------------------ validation
+def _operands_match(sample, coefs, operands) -> bool:
+    """The common case in one pass (this op runs every sampler step, so µs count): every
+    operand is a tensor shaped, typed and placed like sample, coefs is fp32 [12] beside it."""
+    if (type(sample) is not torch.Tensor or sample.dtype not in check.FLOAT_DTYPES
+            or type(coefs) is not torch.Tensor or coefs.dtype != torch.float32 or coefs.shape != (NUM_COEFS,)):
+        return False
+    shape, dtype, device = sample.shape, sample.dtype, sample.device
+    if coefs.device != device or operands[0] is None:
+        return False
+    for t in operands:
+        if t is not None and (type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype
+                              or t.device != device):
+            return False
+    return True
+
+
 def _check_args(sample, model_output, coefs, model_output_uncond, noise, prev_x0):
+    if _operands_match(sample, coefs, (model_output, model_output_uncond, noise, prev_x0)):
+        return
+    # the slow path: find the argument at fault and say what was expected
     check.tensor("sample", sample)
-    operands = (model_output, model_output_uncond, noise, prev_x0)
-    if (type(coefs) is torch.Tensor and coefs.shape == (NUM_COEFS,) and coefs.dtype == torch.float32
-            and coefs.device == sample.device and model_output is not None
-            and all(t is None or (type(t) is torch.Tensor and t.shape == sample.shape and t.dtype == sample.dtype
-                                  and t.device == sample.device) for t in operands)):
-        return  # the common case, checked in one pass (this op runs every sampler step)
     if not isinstance(coefs, torch.Tensor) or coefs.shape != (NUM_COEFS,):
         got = tuple(coefs.shape) if isinstance(coefs, torch.Tensor) else type(coefs).__name__
         raise ValueError(f"coefs must be a tensor of shape ({NUM_COEFS},) (see flashdiff.ddim_coefs), got {got}")
@@ -277,12 +291,12 @@ def _compiled_fwd(module, sample, model_output, coefs, uncond, noise, prev_x0, r
     x0 = new_empty(sample) if return_x0 else None
     module.scheduler_update(sample.data_ptr(), model_output.data_ptr(), ptr(uncond), ptr(noise),
                             ptr(prev_x0), coefs.data_ptr(), prev.data_ptr(), ptr(x0),
-                            sample.numel(), dtype_code(sample), *stream)
+                            sample.numel(), DTYPE_CODE[sample.dtype], *stream)
     return prev, x0
 
 
 def _cpu_fwd(*args):
-    return _compiled_fwd(_ext.load_cpu()[0], *args)
+    return _compiled_fwd(_ext.load_cpu()[0], *args)  # load_cpu() is a dict lookup after the first call
 
 
 def _cuda_fwd(sample, *args):
