@@ -38,6 +38,52 @@ __all__ = ["attention_fwd", "attention_bwd"]
 _LOG2E = 1.4426950408889634
 
 
+# ================================================================ tile helpers (inlined)
+@triton.jit
+def _tile_ptrs(PTR, off_b, off_h, offs_s, offs_d, stride_b, stride_h, stride_s, stride_d):
+    """Pointers to rows offs_s × columns offs_d of one (batch, head) of a [B, H, S, D] tensor.
+    int64 row offsets: fused-qkv strides times long sequences can pass 2^31."""
+    return (PTR + off_b * stride_b + off_h * stride_h
+            + offs_s[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d)
+
+
+@triton.jit
+def _load_operand(ptrs, mask, DOT_F32: tl.constexpr):
+    """Masked load of a dot operand tile (0 outside the mask); fp32 under DOT_F32."""
+    t = tl.load(ptrs, mask=mask, other=0.0)
+    if DOT_F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _key_keep(MASK_ROW, offs_n, n_valid, stride_mn, HAS_MASK: tl.constexpr):
+    """Keys a query may attend to: in range and, with a key-padding mask, not padded.
+    HAS_MASK reads BLOCK_N bytes of the mask row; out-of-range keys load as 0, so they drop too."""
+    keep = n_valid
+    if HAS_MASK:
+        keep = tl.load(MASK_ROW + offs_n * stride_mn, mask=n_valid, other=0) != 0
+    return keep
+
+
+@triton.jit
+def _load_lse_delta(LSE, DELTA, row, start_m, offs_m, m_valid):
+    """lse (converted to the log2 domain) and delta of query rows start_m + offs_m of the
+    (batch, head) whose rows begin at row: 8 B per row. Out-of-range rows get lse = +inf: P = 0."""
+    lse = tl.load(LSE + row + start_m + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row + start_m + offs_m, mask=m_valid, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _recompute_p(a, b, lse, keep, qk_scale, PRECISION: tl.constexpr):
+    """Backward: P = exp2(a·bᵀ·qk_scale − lse) recomputed for one tile, 0 at dropped keys.
+    The caller picks the orientation: (q, k) with lse[:, None], keep[None, :] gives P [M, N];
+    (k, q) with lse[None, :], keep[:, None] gives Pᵀ [N, M]."""
+    p = tl.exp2(tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale - lse)
+    return tl.where(keep, p, 0.0)
+
+
 # ================================================================ forward kernel
 @triton.heuristics({"MASK_N": lambda args: args["Skv"] % args["BLOCK_N"] != 0})
 @triton.jit
@@ -72,17 +118,12 @@ def _attention_fwd_kernel(
     m_valid = offs_m < Sq
     d_valid = offs_d < D                     # BLOCK_D = next power of two ≥ D: mask the tail
 
-    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd)
-    k_ptrs = (K + off_b * stride_kb + off_h * stride_kh
-              + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + off_b * stride_vb + off_h * stride_vh
-              + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd)
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_qs, stride_qd)
+    k_ptrs = _tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_ks, stride_kd)
+    v_ptrs = _tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vs, stride_vd)
 
     # read BLOCK_M·D elements of Q once; they stay in registers for the whole key loop
-    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q = _load_operand(q_ptrs, m_valid[:, None] & d_valid[None, :], DOT_F32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running row max (log2 domain)
     l_i = tl.zeros([BLOCK_M], tl.float32)                 # running row sum of exp2
@@ -90,20 +131,15 @@ def _attention_fwd_kernel(
 
     for start_n in range(0, Skv, BLOCK_N):
         n_valid = (start_n + offs_n) < Skv
+        nd_mask = n_valid[:, None] & d_valid[None, :]
         # read 2·BLOCK_N·D elements (K and V tiles)
-        k = tl.load(k_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_operand(k_ptrs, nd_mask, DOT_F32)
+        v = _load_operand(v_ptrs, nd_mask, DOT_F32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if HAS_MASK:
-            # read BLOCK_N bytes of the key-padding mask; padded keys get -inf
-            keep = tl.load(MASK + off_b * stride_mb + (start_n + offs_n) * stride_mn,
-                           mask=n_valid, other=0) != 0
+        if HAS_MASK or MASK_N:
+            # padded (HAS_MASK: BLOCK_N bytes of the mask read) and out-of-range keys get -inf
+            keep = _key_keep(MASK + off_b * stride_mb, start_n + offs_n, n_valid, stride_mn, HAS_MASK)
             qk = tl.where(keep[None, :], qk, float("-inf"))
-        elif MASK_N:
-            qk = tl.where(n_valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # every key so far masked: subtract 0 instead of -inf (exp2(-inf - -inf) would be NaN)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -119,8 +155,7 @@ def _attention_fwd_kernel(
     # l == 0: the row attended to nothing -> output 0, lse = +inf (backward then gives 0)
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :])
+    o_ptrs = _tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_os, 1)
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("inf"))
@@ -143,10 +178,10 @@ def _attention_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(_tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_os, stride_od),
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dos, stride_dod),
+                 mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + (off_b * H + off_h) * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
@@ -181,21 +216,14 @@ def _attention_bwd_dkdv_kernel(
     d_valid = offs_d < D
     nd_mask = n_valid[:, None] & d_valid[None, :]
 
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks
-                + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs
-                + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    keep = n_valid
-    if HAS_MASK:
-        keep = keep & (tl.load(MASK + off_b * stride_mb + offs_n * stride_mn, mask=n_valid, other=0) != 0)
+    k = _load_operand(_tile_ptrs(K, off_b, off_h, offs_n, offs_d,
+                                 stride_kb, stride_kh, stride_ks, stride_kd), nd_mask, DOT_F32)
+    v = _load_operand(_tile_ptrs(V, off_b, off_h, offs_n, offs_d,
+                                 stride_vb, stride_vh, stride_vs, stride_vd), nd_mask, DOT_F32)
+    keep = _key_keep(MASK + off_b * stride_mb, offs_n, n_valid, stride_mn, HAS_MASK)
 
-    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd)
-    do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh
-               + offs_m[:, None].to(tl.int64) * stride_dos + offs_d[None, :] * stride_dod)
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_qs, stride_qd)
+    do_ptrs = _tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dos, stride_dod)
     row = (off_b * H + off_h) * Sq
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -203,17 +231,10 @@ def _attention_bwd_dkdv_kernel(
     for start_m in range(0, Sq, BLOCK_M):
         m_valid = (start_m + offs_m) < Sq
         md_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_ptrs, mask=md_mask, other=0.0)
-        do = tl.load(do_ptrs, mask=md_mask, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        # out-of-range rows: lse = +inf makes P = 0
-        lse = tl.load(LSE + row + start_m + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + row + start_m + offs_m, mask=m_valid, other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)            # [BLOCK_N, BLOCK_M]
-        pT = tl.exp2(qkT * qk_scale - lse[None, :])
-        pT = tl.where(keep[:, None], pT, 0.0)
+        q = _load_operand(q_ptrs, md_mask, DOT_F32)
+        do = _load_operand(do_ptrs, md_mask, DOT_F32)
+        lse, delta = _load_lse_delta(LSE, DELTA, row, start_m, offs_m, m_valid)
+        pT = _recompute_p(k, q, lse[None, :], keep[:, None], qk_scale, PRECISION)  # [BLOCK_N, BLOCK_M]
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -222,10 +243,10 @@ def _attention_bwd_dkdv_kernel(
         do_ptrs += BLOCK_M * stride_dos
 
     dk = dk * scale
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dks
-             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvs
-             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
+    tl.store(_tile_ptrs(DK, off_b, off_h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dks, 1),
+             dk.to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(_tile_ptrs(DV, off_b, off_h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvs, 1),
+             dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
 @triton.jit
@@ -254,37 +275,22 @@ def _attention_bwd_dq_kernel(
     d_valid = offs_d < D
     md_mask = m_valid[:, None] & d_valid[None, :]
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
-                + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    row = (off_b * H + off_h) * Sq
-    lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
+    q = _load_operand(_tile_ptrs(Q, off_b, off_h, offs_m, offs_d,
+                                 stride_qb, stride_qh, stride_qs, stride_qd), md_mask, DOT_F32)
+    do = _load_operand(_tile_ptrs(DO, off_b, off_h, offs_m, offs_d,
+                                  stride_dob, stride_doh, stride_dos, stride_dod), md_mask, DOT_F32)
+    lse, delta = _load_lse_delta(LSE, DELTA, (off_b * H + off_h) * Sq, 0, offs_m, m_valid)
 
-    k_ptrs = (K + off_b * stride_kb + off_h * stride_kh
-              + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + off_b * stride_vb + off_h * stride_vh
-              + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd)
+    k_ptrs = _tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_ks, stride_kd)
+    v_ptrs = _tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vs, stride_vd)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, Skv, BLOCK_N):
         n_valid = (start_n + offs_n) < Skv
         nd_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_ptrs, mask=nd_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=nd_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        keep = n_valid
-        if HAS_MASK:
-            keep = keep & (tl.load(MASK + off_b * stride_mb + (start_n + offs_n) * stride_mn,
-                                   mask=n_valid, other=0) != 0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        p = tl.exp2(qk * qk_scale - lse[:, None])
-        p = tl.where(keep[None, :], p, 0.0)
+        k = _load_operand(k_ptrs, nd_mask, DOT_F32)
+        v = _load_operand(v_ptrs, nd_mask, DOT_F32)
+        keep = _key_keep(MASK + off_b * stride_mb, start_n + offs_n, n_valid, stride_mn, HAS_MASK)
+        p = _recompute_p(q, k, lse[:, None], keep[None, :], qk_scale, PRECISION)  # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -292,8 +298,8 @@ def _attention_bwd_dq_kernel(
         v_ptrs += BLOCK_N * stride_vs
 
     dq = dq * scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
+    tl.store(_tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqs, 1),
+             dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
 # ================================================================ configs

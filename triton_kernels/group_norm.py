@@ -58,6 +58,52 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _program_chunk(G, S, S_PER_CHUNK):
+    """This program's group pid_ng = n·G + g (n, g as int64), its chunk, and the chunk's S range."""
+    pid_ng = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n = (pid_ng // G).to(tl.int64)
+    g = (pid_ng % G).to(tl.int64)
+    s_begin = chunk * S_PER_CHUNK
+    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
+    return pid_ng, chunk, n, g, s_begin, s_end
+
+
+@triton.jit
+def _s_tile(s0, s_end, c_valid, BLOCK_S: tl.constexpr):
+    """Rows s0 .. s0 + BLOCK_S of a tile: their int64 offsets [BLOCK_S, 1] and the tile mask."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    mask = (offs_s < s_end)[:, None] & c_valid[None, :]
+    return offs_s[:, None].to(tl.int64), mask
+
+
+@triton.jit
+def _load_tile(base, s64, offs_c, stride_s, stride_c, mask):
+    """A [BLOCK_S, BLOCK_C] tile in fp32, 0 outside the mask."""
+    return tl.load(base + s64 * stride_s + offs_c[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(base, s64, offs_c, stride_s, stride_c, val, mask):
+    """Store a tile, cast to the element type of base."""
+    tl.store(base + s64 * stride_s + offs_c[None, :] * stride_c, val.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pre_act(x, a, b):
+    """z = x·A + B (= ((x − mean)·rstd·w + b)·(1 + scale) + shift): one FMA per element."""
+    return x * a[None, :] + b[None, :]
+
+
+@triton.jit
+def _dz(dy, x, a, b, ACT: tl.constexpr):
+    """dz = dy·act'(z), z recomputed from x (the forward's FMA); dy itself when ACT is none."""
+    if ACT != 0:
+        dy = dy * _act_grad(_pre_act(x, a, b), ACT)
+    return dy
+
+
+@triton.jit
 def _group_norm_stats_kernel(
     X, PART,
     stride_xn, stride_xc, stride_xs,
@@ -68,13 +114,8 @@ def _group_norm_stats_kernel(
 
     Reads Cg·S_PER_CHUNK elements once, writes 12 B: memory-bound (HBM roofline).
     """
-    pid_ng = tl.program_id(0)
-    chunk = tl.program_id(1)
-    n = (pid_ng // G).to(tl.int64)
-    g = (pid_ng % G).to(tl.int64)
+    pid_ng, chunk, n, g, s_begin, s_end = _program_chunk(G, S, S_PER_CHUNK)
     base = X + n * stride_xn + g * Cg * stride_xc
-    s_begin = chunk * S_PER_CHUNK
-    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
 
     count = 0.0
     mean = 0.0
@@ -84,11 +125,9 @@ def _group_norm_stats_kernel(
         c_valid = offs_c < Cg
         n_c = tl.minimum(Cg - c0, BLOCK_C)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            mask = (offs_s < s_end)[:, None] & c_valid[None, :]
+            s64, mask = _s_tile(s0, s_end, c_valid, BLOCK_S)
             # read BLOCK_S·BLOCK_C elements (masked tail), accumulate in fp32
-            x = tl.load(base + offs_s[:, None].to(tl.int64) * stride_xs + offs_c[None, :] * stride_xc,
-                        mask=mask, other=0.0).to(tl.float32)
+            x = _load_tile(base, s64, offs_c, stride_xs, stride_xc, mask)
             nb = (tl.minimum(s_end - s0, BLOCK_S) * n_c).to(tl.float32)
             mb = tl.sum(tl.sum(x, 1), 0) / nb
             d = tl.where(mask, x - mb, 0.0)
@@ -164,10 +203,7 @@ def _group_norm_fwd_kernel(
 
     Reads 12·SPLIT B of partials and Cg·S_PER_CHUNK elements, writes as many: memory-bound.
     """
-    pid_ng = tl.program_id(0)
-    chunk = tl.program_id(1)
-    n = (pid_ng // G).to(tl.int64)
-    g = (pid_ng % G).to(tl.int64)
+    pid_ng, chunk, n, g, s_begin, s_end = _program_chunk(G, S, S_PER_CHUNK)
     mean, rstd = _group_stats(PART, pid_ng, SPLIT, eps, BLOCK_SPLIT)
     if chunk == 0:
         tl.store(MEAN + pid_ng, mean)
@@ -175,8 +211,6 @@ def _group_norm_fwd_kernel(
 
     x_base = X + n * stride_xn + g * Cg * stride_xc
     y_base = Y + n * stride_yn + g * Cg * stride_yc
-    s_begin = chunk * S_PER_CHUNK
-    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
     for c0 in range(0, Cg, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_valid = offs_c < Cg
@@ -184,14 +218,10 @@ def _group_norm_fwd_kernel(
                                   stride_scn, stride_scc, stride_shn, stride_shc,
                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            mask = (offs_s < s_end)[:, None] & c_valid[None, :]
-            s64 = offs_s[:, None].to(tl.int64)
-            x = tl.load(x_base + s64 * stride_xs + offs_c[None, :] * stride_xc,
-                        mask=mask, other=0.0).to(tl.float32)
-            z = _apply_act(x * a[None, :] + b[None, :], ACT)   # one FMA + activation per element
-            tl.store(y_base + s64 * stride_ys + offs_c[None, :] * stride_yc,
-                     z.to(Y.dtype.element_ty), mask=mask)
+            s64, mask = _s_tile(s0, s_end, c_valid, BLOCK_S)
+            x = _load_tile(x_base, s64, offs_c, stride_xs, stride_xc, mask)
+            z = _apply_act(_pre_act(x, a, b), ACT)   # one FMA + activation per element
+            _store_tile(y_base, s64, offs_c, stride_ys, stride_yc, z, mask)
 
 
 @triton.jit
@@ -208,16 +238,11 @@ def _group_norm_bwd_reduce_kernel(
 
     Reads dy and x once (2 elements per element), writes 8 B per (n, c, chunk): memory-bound.
     """
-    pid_ng = tl.program_id(0)
-    chunk = tl.program_id(1)
-    n = (pid_ng // G).to(tl.int64)
-    g = (pid_ng % G).to(tl.int64)
+    pid_ng, chunk, n, g, s_begin, s_end = _program_chunk(G, S, S_PER_CHUNK)
     mean = tl.load(MEAN + pid_ng)
     rstd = tl.load(RSTD + pid_ng)
     x_base = X + n * stride_xn + g * Cg * stride_xc
     dy_base = DY + n * stride_dyn + g * Cg * stride_dyc
-    s_begin = chunk * S_PER_CHUNK
-    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
     for c0 in range(0, Cg, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_valid = offs_c < Cg
@@ -227,17 +252,11 @@ def _group_norm_bwd_reduce_kernel(
         s1 = tl.zeros([BLOCK_C], tl.float32)
         s2 = tl.zeros([BLOCK_C], tl.float32)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            mask = (offs_s < s_end)[:, None] & c_valid[None, :]
-            s64 = offs_s[:, None].to(tl.int64)
-            x = tl.load(x_base + s64 * stride_xs + offs_c[None, :] * stride_xc,
-                        mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_base + s64 * stride_dys + offs_c[None, :] * stride_dyc,
-                         mask=mask, other=0.0).to(tl.float32)
-            if ACT != 0:
-                dy = dy * _act_grad(x * a[None, :] + b[None, :], ACT)
-            s1 += tl.sum(dy, 0)
-            s2 += tl.sum(dy * (x - mean) * rstd, 0)
+            s64, mask = _s_tile(s0, s_end, c_valid, BLOCK_S)
+            x = _load_tile(x_base, s64, offs_c, stride_xs, stride_xc, mask)
+            dz = _dz(_load_tile(dy_base, s64, offs_c, stride_dys, stride_dyc, mask), x, a, b, ACT)
+            s1 += tl.sum(dz, 0)
+            s2 += tl.sum(dz * (x - mean) * rstd, 0)
         # PART [2, N, C, SPLIT]
         out = PART + ((n * C + g * Cg + offs_c) * SPLIT + chunk)
         tl.store(out, s1, mask=c_valid)
@@ -259,10 +278,7 @@ def _group_norm_bwd_dx_kernel(
 
     Reads dy and x, writes dx: 3 elements per element, memory-bound.
     """
-    pid_ng = tl.program_id(0)
-    chunk = tl.program_id(1)
-    n = (pid_ng // G).to(tl.int64)
-    g = (pid_ng % G).to(tl.int64)
+    pid_ng, chunk, n, g, s_begin, s_end = _program_chunk(G, S, S_PER_CHUNK)
     mean = tl.load(MEAN + pid_ng)
     rstd = tl.load(RSTD + pid_ng)
     c1 = tl.load(C1 + pid_ng)
@@ -270,8 +286,6 @@ def _group_norm_bwd_dx_kernel(
     x_base = X + n * stride_xn + g * Cg * stride_xc
     dy_base = DY + n * stride_dyn + g * Cg * stride_dyc
     dx_base = DX + n * stride_dxn + g * Cg * stride_dxc
-    s_begin = chunk * S_PER_CHUNK
-    s_end = tl.minimum(s_begin + S_PER_CHUNK, S)
     for c0 in range(0, Cg, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_valid = offs_c < Cg
@@ -280,19 +294,12 @@ def _group_norm_bwd_dx_kernel(
                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         wk = w * k
         for s0 in range(s_begin, s_end, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            mask = (offs_s < s_end)[:, None] & c_valid[None, :]
-            s64 = offs_s[:, None].to(tl.int64)
-            x = tl.load(x_base + s64 * stride_xs + offs_c[None, :] * stride_xc,
-                        mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_base + s64 * stride_dys + offs_c[None, :] * stride_dyc,
-                         mask=mask, other=0.0).to(tl.float32)
-            if ACT != 0:
-                dy = dy * _act_grad(x * a[None, :] + b[None, :], ACT)
+            s64, mask = _s_tile(s0, s_end, c_valid, BLOCK_S)
+            x = _load_tile(x_base, s64, offs_c, stride_xs, stride_xc, mask)
+            dz = _dz(_load_tile(dy_base, s64, offs_c, stride_dys, stride_dyc, mask), x, a, b, ACT)
             xhat = (x - mean) * rstd
-            dx = rstd * (dy * wk[None, :] - c1 - xhat * c2)
-            tl.store(dx_base + s64 * stride_dxs + offs_c[None, :] * stride_dxc,
-                     dx.to(DX.dtype.element_ty), mask=mask)
+            dx = rstd * (dz * wk[None, :] - c1 - xhat * c2)
+            _store_tile(dx_base, s64, offs_c, stride_dxs, stride_dxc, dx, mask)
 
 
 # ================================================================ launch geometry
