@@ -133,3 +133,20 @@ def test_empty_input_returns_empty():
     assert flashdiff.group_norm(x, 4, activation="silu").shape == x.shape
     x = torch.randn(2, 8, 0, 3)
     assert flashdiff.group_norm(x, 4).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape, num_groups, layout", [
+    pytest.param((1, 63, 40, 40), 3, "contiguous", id="3-blocks-split-inside"),
+    pytest.param((4, 64, 32, 32), 8, "contiguous", id="32-blocks-whole"),
+    pytest.param((1, 60, 37, 37), 5, "channels_last", id="1-sample-split-inside"),
+    pytest.param((3, 30, 48, 48), 5, "channels_last", id="3-samples-split-inside"),
+    pytest.param((8, 30, 24, 24), 5, "channels_last", id="8-samples-whole"),
+])
+def test_cpu_threading_paths(dtype, shape, num_groups, layout):
+    """Above 64K elements the CPU kernel forks: whole units per thread, or (few units) every
+    thread inside every unit. The small shapes above never fork, so these cover both paths."""
+    require_backend("cpu", "cpu")
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: the parallel paths are not taken")
+    _check(("cpu", "cpu"), dtype, shape, num_groups, layout=layout)

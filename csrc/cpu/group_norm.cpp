@@ -304,6 +304,31 @@ int thread_count(int64_t total) {
   return total >= kParallelMin ? std::max(1, omp_get_max_threads()) : 1;
 }
 
+// Both layouts split their work the same way: `count` independent units (NCHW (n, g) blocks,
+// channels_last samples). Enough units to balance: each thread takes a static range of whole
+// units. Too few (batch 1, few groups): every thread enters every unit and splits it inside.
+inline bool splits_inside_units(int nt, int64_t count) {
+  return nt > 1 && count % nt != 0 && count < 4 * nt;
+}
+
+// whole(u0, u1) runs units [u0, u1) on one thread; shared(tid, nth) runs on every thread of
+// one parallel region (it may use `#pragma omp barrier`: the region is the enclosing one).
+template <typename Whole, typename Shared>
+void run_units(int nt, int64_t count, const Whole& whole, const Shared& shared) {
+  if (nt == 1) {
+    whole(0, count);  // on the calling thread: no fork (see thread_count)
+  } else if (!splits_inside_units(nt, count)) {
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      whole(count * tid / nth, count * (tid + 1) / nth);
+    }
+  } else {
+#pragma omp parallel num_threads(nt)
+    shared(omp_get_thread_num(), omp_get_num_threads());
+  }
+}
+
 // ------------------------------------------------------------------ NCHW: x [N, C, S]
 // An (n, g) block is contiguous: Cg * S elements, channel c of the block at [c * S, (c+1) * S).
 // Short channel runs (adaLN's LayerNorm is [N, C, 1]) are normalized in runs that cross
@@ -407,34 +432,23 @@ void group_norm_nchw(const GroupNormParams& p) {
     }
   };
 
-  if (nt == 1) {
-    whole_blocks(0, nblocks);  // on the calling thread: no fork (see thread_count)
-  } else if (nblocks % nt == 0 || nblocks >= 4 * nt) {
-#pragma omp parallel num_threads(nt)
-    {
-      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-      whole_blocks(nblocks * tid / nth, nblocks * (tid + 1) / nth);
-    }
-  } else {
-    // Few blocks (batch 1, few groups): all threads share each block, each taking a contiguous
-    // range of its chunks for both passes, with one barrier between statistics and normalize.
-    std::vector<ChunkStat> st(nblocks * nchunks);
-#pragma omp parallel num_threads(nt)
-    {
-      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-      const int64_t k0 = nchunks * tid / nth, k1 = nchunks * (tid + 1) / nth;
-      NchwScratch w(0, 0, Cg, S);
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        ChunkStat* sb = st.data() + blk * nchunks;
-        block_stats(blk, k0, k1, sb);
+  // Few blocks (batch 1, few groups): all threads share each block, each taking a contiguous
+  // range of its chunks for both passes, with one barrier between statistics and normalize.
+  std::vector<ChunkStat> st(splits_inside_units(nt, nblocks) ? nblocks * nchunks : 0);
+  auto shared_blocks = [&](int tid, int nth) {
+    const int64_t k0 = nchunks * tid / nth, k1 = nchunks * (tid + 1) / nth;
+    NchwScratch w(0, 0, Cg, S);
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      ChunkStat* sb = st.data() + blk * nchunks;
+      block_stats(blk, k0, k1, sb);
 #pragma omp barrier
-        float mean, rstd;
-        block_finish(blk, sb, tid == 0, &mean, &rstd);
-        block_coefs(blk, rstd, w);
-        block_normalize(blk, std::min(L, k0 * kChunk), std::min(L, k1 * kChunk), mean, w);
-      }
+      float mean, rstd;
+      block_finish(blk, sb, tid == 0, &mean, &rstd);
+      block_coefs(blk, rstd, w);
+      block_normalize(blk, std::min(L, k0 * kChunk), std::min(L, k1 * kChunk), mean, w);
     }
-  }
+  };
+  run_units(nt, nblocks, whole_blocks, shared_blocks);
 }
 
 // ------------------------------------------------------------------ channels_last: x [N, S, C]
@@ -615,33 +629,22 @@ void group_norm_channels_last(const GroupNormParams& p) {
     }
   };
 
-  if (nt == 1) {
-    whole_samples(0, N);  // on the calling thread: no fork (see thread_count)
-  } else if (N % nt == 0 || N >= 4 * nt) {
-#pragma omp parallel num_threads(nt)
-    {
-      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-      whole_samples(N * tid / nth, N * (tid + 1) / nth);
-    }
-  } else {
-    // Few samples: threads split each sample's chunks (rows) for both passes.
-#pragma omp parallel num_threads(nt)
-    {
-      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-      const int64_t k0 = nchunks * tid / nth, k1 = nchunks * (tid + 1) / nth;
-      ClScratch w(g);
-      for (int64_t n = 0; n < N; ++n) {
-        const T* xs = x + n * sample;
-        for (int64_t k = k0; k < k1; ++k)
-          cl_chunk_stats(g, xs, k, w, st.data() + (n * nchunks + k) * G);
+  // Few samples: threads split each sample's chunks (rows) for both passes.
+  auto shared_samples = [&](int tid, int nth) {
+    const int64_t k0 = nchunks * tid / nth, k1 = nchunks * (tid + 1) / nth;
+    ClScratch w(g);
+    for (int64_t n = 0; n < N; ++n) {
+      const T* xs = x + n * sample;
+      for (int64_t k = k0; k < k1; ++k)
+        cl_chunk_stats(g, xs, k, w, st.data() + (n * nchunks + k) * G);
 #pragma omp barrier
-        finish_groups(n, G * tid / nth, G * (tid + 1) / nth);
+      finish_groups(n, G * tid / nth, G * (tid + 1) / nth);
 #pragma omp barrier
-        cl_coefs(p, g, n, mean.data() + n * G, rstd.data() + n * G, w);
-        cl_normalize<T, ACT>(g, xs, y + n * sample, k0 * g.R, std::min(g.S, k1 * g.R), w);
-      }
+      cl_coefs(p, g, n, mean.data() + n * G, rstd.data() + n * G, w);
+      cl_normalize<T, ACT>(g, xs, y + n * sample, k0 * g.R, std::min(g.S, k1 * g.R), w);
     }
-  }
+  };
+  run_units(nt, N, whole_samples, shared_samples);
 }
 
 void validate(const GroupNormParams& p) {
