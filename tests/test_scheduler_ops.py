@@ -178,6 +178,63 @@ def test_bad_input(call, error, match):
         call(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3))
 
 
+def test_checks_hold_once_the_fast_path_is_warm(monkeypatch):
+    """After one validated call, scheduler_update skips its full checks for calls alike it
+    (ops/scheduler._fast_impl): every way a later call can differ must still be caught, or
+    still computed right."""
+    x, m, u = (torch.randn(2, 4, 3, 3) for _ in range(3))
+    coefs = flashdiff.ddim_coefs(0.3, 0.5, guidance_scale=2.0)
+    expected = flashdiff.scheduler_update(x, m, coefs, u)  # validates, picks the backend
+    for call, error, match in [
+        (lambda: flashdiff.scheduler_update(x, m[0], coefs, u), ValueError, "model_output must have shape"),
+        (lambda: flashdiff.scheduler_update(x, None, coefs, u), TypeError, "model_output must be a torch.Tensor"),
+        (lambda: flashdiff.scheduler_update(x, m.int(), coefs, u), TypeError, "model_output must be a floating"),
+        (lambda: flashdiff.scheduler_update(x, m, coefs, u.double()), TypeError, "model_output_uncond has dtype"),
+        (lambda: flashdiff.scheduler_update(x, m, coefs, u.to("meta")), ValueError, "model_output_uncond is on meta"),
+        (lambda: flashdiff.scheduler_update(x, m, coefs, u, noise=x[:1]), ValueError, "noise must have shape"),
+        (lambda: flashdiff.scheduler_update(x, m, coefs[:11], u), ValueError, "coefs must be a tensor of shape"),
+        (lambda: flashdiff.scheduler_update(x, m, coefs[None], u), ValueError, "coefs must be a tensor of shape"),
+        (lambda: flashdiff.scheduler_update(x, m, coefs.int(), u), TypeError, "coefs must be floating"),
+        (lambda: flashdiff.scheduler_update(x, m, coefs.to("meta"), u), ValueError, "coefs is on meta"),
+        (lambda: flashdiff.scheduler_update(x.to("meta"), m, coefs, u), ValueError, "is on cpu but sample is on meta"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    # layouts and dtypes the fast path passes by go through the full path, same values
+    for prev in (flashdiff.scheduler_update(x, torch.stack([m, m], -1)[..., 0], coefs, u),
+                 flashdiff.scheduler_update(x, m, coefs.double(), u),
+                 flashdiff.scheduler_update(x, m, torch.stack([coefs, coefs], 1)[:, 0], u),
+                 flashdiff.scheduler_update(x.contiguous(memory_format=torch.channels_last), m, coefs, u)):
+        torch.testing.assert_close(prev, expected)
+    # the backend override is part of what the fast path remembers
+    dispatch = flashdiff.backends.REGISTRY["scheduler_update"][0]
+    reference_impl, used = dispatch.impls["reference"], []
+    monkeypatch.setitem(dispatch.impls, "reference", lambda *a: used.append(1) or reference_impl(*a))
+    flashdiff.set_override("reference")
+    try:
+        torch.testing.assert_close(flashdiff.scheduler_update(x, m, coefs, u), expected)
+    finally:
+        flashdiff.set_override(None)
+    assert used
+
+
+def test_host_schedule_memo_keeps_its_checks():
+    """Builders memoize host-number schedules; a hit must not skip a check (True == 1.0)
+    nor ever stand for a tensor's values."""
+    assert flashdiff.ddim_coefs(0.3, 0.5, 1.0) is flashdiff.ddim_coefs(0.3, 0.5, 1.0)
+    with pytest.raises(TypeError, match="eta must be a real number"):
+        flashdiff.ddim_coefs(0.3, 0.5, True)
+    with pytest.raises(ValueError, match="eta must be finite"):
+        flashdiff.ddim_coefs(0.3, 0.5, float("nan"))
+    with pytest.raises(TypeError, match="alpha_prod_t must be a real number"):
+        flashdiff.ddim_coefs([0.3], 0.5)  # unhashable: the builder names it
+    a = torch.tensor(0.3, dtype=torch.float64)
+    before = flashdiff.ddim_coefs(a, 0.5)
+    a.fill_(0.4)
+    torch.testing.assert_close(flashdiff.ddim_coefs(a, 0.5), flashdiff.ddim_coefs(0.4, 0.5))
+    assert not torch.equal(before, flashdiff.ddim_coefs(a, 0.5))
+
+
 def test_empty_latents():
     x = torch.randn(0, 4, 8, 8)
     assert flashdiff.ddim_step(x, x, 0.3, 0.5).shape == x.shape

@@ -42,5 +42,8 @@ POISON_OUTPUTS = False
 
 def new_empty(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """torch.empty_like(like) (or like.new_empty(shape)), NaN-filled while tests poison."""
-    out = torch.empty_like(like, dtype=dtype) if shape is None else like.new_empty(shape, dtype=dtype or like.dtype)
+    if shape is None:  # dtype=None spelled out costs kwargs parsing, a tenth of a µs per output
+        out = torch.empty_like(like) if dtype is None else torch.empty_like(like, dtype=dtype)
+    else:
+        out = like.new_empty(shape, dtype=dtype or like.dtype)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .. import _ext, _validate as check, reference
+from .. import _ext, _validate as check, backends as _backends, reference
 from ..backends import OpDispatch, register_op
 from .._validate import DTYPE_CODE
 from ._common import new_empty, ptr, stream_of, use_custom_op
@@ -63,24 +63,37 @@ def _pack(device=None, **named) -> torch.Tensor:
     return torch.stack(torch.broadcast_tensors(*values), dim=-1).to(torch.float32)
 
 
-_HOST_COEFS: dict = {}
+# Exact types of the schedule values worth memoizing (tensors of any subclass, numpy scalars
+# and the like run the builder every time). The key holds the values, and a hit must also
+# match their types: True == 1 == 1.0 would otherwise return the result cached for 1 and skip
+# the check that rejects a bool.
+_HOST_TYPES = frozenset((float, int, bool, str, type(None)))
+_HOST_COEFS_MAX = 4096
 
 
 def _memoize_host_schedules(builder):
     """Cache a builder's result when every schedule value is a host number: a sampling loop
     with float schedules then pays a dict lookup per step after its first image, not the
-    builder's Python (the op is ~5 µs at SD latent sizes). Tensor inputs are never cached.
-    The cached tensor is shared: treat a builder's result as read-only."""
+    builder's Python and checks (the op is ~5 µs at SD latent sizes). Tensor inputs are never
+    cached. The cached tensor is shared: treat a builder's result as read-only."""
+    cache: dict = {}
+
     @functools.wraps(builder)
     def wrapper(*args, device=None, **kwargs):
-        if any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
-            return builder(*args, device=device, **kwargs)
-        key = (builder.__name__, args, tuple(sorted(kwargs.items())), str(device))
-        coefs = _HOST_COEFS.get(key)
-        if coefs is None:
-            if len(_HOST_COEFS) >= 4096:
-                _HOST_COEFS.clear()
-            coefs = _HOST_COEFS[key] = builder(*args, device=device, **kwargs)
+        values = (*args, *kwargs.values()) if kwargs else args
+        key = (args, tuple(kwargs.items()), device) if kwargs else (args, device)
+        types = tuple(map(type, values))
+        try:
+            hit = cache.get(key)
+        except TypeError:  # an unhashable argument: the builder's checks name it
+            hit = None
+        if hit is not None and hit[0] == types:  # only whitelisted types are ever stored
+            return hit[1]
+        coefs = builder(*args, device=device, **kwargs)
+        if _HOST_TYPES.issuperset(types):
+            if len(cache) >= _HOST_COEFS_MAX:
+                cache.clear()
+            cache[key] = (types, coefs)
         return coefs
 
     return wrapper
@@ -129,6 +142,7 @@ def ddim_coefs(alpha_prod_t: Scalar, alpha_prod_t_prev: Scalar, eta: Scalar = 0.
     """DDIM (eq. 12 of Song et al.): prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·eps + σ·noise,
     σ = eta·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev))."""
     a_t, a_prev = _alpha("alpha_prod_t", alpha_prod_t, False), _alpha("alpha_prod_t_prev", alpha_prod_t_prev, True)
+    check.finite_number("eta", eta, minimum=0.0, allow_tensor=True)
     eta = _as64(eta)
     sqrt_a, sqrt_b = _sqrt(a_t), _sqrt(1 - a_t)
     c = _x0_eps_coefs(prediction_type, sqrt_a, sqrt_b)
@@ -218,26 +232,9 @@ def dpmpp_2m_coefs(sigma_next: Scalar, sigma: Scalar, sigma_prev: Optional[Scala
 
 
 # ------------------------------------------------------------------ validation
-def _operands_match(sample, coefs, operands) -> bool:
-    """The common case in one pass (this op runs every sampler step, so µs count): every
-    operand is a tensor shaped, typed and placed like sample, coefs is fp32 [12] beside it."""
-    if (type(sample) is not torch.Tensor or sample.dtype not in check.FLOAT_DTYPES
-            or type(coefs) is not torch.Tensor or coefs.dtype != torch.float32 or coefs.shape != (NUM_COEFS,)):
-        return False
-    shape, dtype, device = sample.shape, sample.dtype, sample.device
-    if coefs.device != device or operands[0] is None:
-        return False
-    for t in operands:
-        if t is not None and (type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype
-                              or t.device != device):
-            return False
-    return True
-
-
 def _check_args(sample, model_output, coefs, model_output_uncond, noise, prev_x0):
-    if _operands_match(sample, coefs, (model_output, model_output_uncond, noise, prev_x0)):
-        return
-    # the slow path: find the argument at fault and say what was expected
+    """Every check, each error naming the argument (the eager fast path, _fast_impl, covers
+    the common case without coming here)."""
     check.tensor("sample", sample)
     if not isinstance(coefs, torch.Tensor) or coefs.shape != (NUM_COEFS,):
         got = tuple(coefs.shape) if isinstance(coefs, torch.Tensor) else type(coefs).__name__
@@ -259,44 +256,85 @@ def _kernel_supports(sample, **_):
     return None
 
 
+# (backend, override, device, dtype) -> the backend chosen for it, recorded by _resolve after
+# a call with that sample device and dtype passed every check. Its presence is what lets
+# _fast_impl skip _check_args and the backend choice.
+_CHOSEN: dict = {}
+_Tensor = torch.Tensor
+_COEFS_SHAPE = (NUM_COEFS,)
+_is_compiling = torch.compiler.is_compiling  # bound once: the attribute chain costs per call
+
+
 def _resolve(sample, model_output, coefs, model_output_uncond=None, noise=None, prev_x0=None,
              return_x0=False, backend=None):
     _check_args(sample, model_output, coefs, model_output_uncond, noise, prev_x0)
-    return _dispatch.choose(backend, sample.device, {"sample": sample}, key=(sample.device, sample.dtype))
+    choice = _dispatch.choose(backend, sample.device, {"sample": sample}, key=(sample.device, sample.dtype))
+    _CHOSEN[(backend, _backends.get_override(), sample.device, sample.dtype)] = choice.backend
+    return choice
+
+
+def _fast_impl(sample, model_output, coefs, uncond, noise, prev_x0, backend):
+    """The backend impl for the common eager call, or None for the full path. This op runs
+    every sampler step and the kernel is ~3 µs at latent sizes, so the common case is checked
+    in one pass of metadata reads (never values): every operand a plain tensor shaped, typed,
+    placed like sample and contiguous (so already flat), coefs a contiguous fp32 [12] beside
+    them, not tracing, and _resolve already validated and chose a backend for (backend,
+    device, dtype). Anything else takes the full path, which checks and says what is wrong."""
+    if type(sample) is not _Tensor or type(coefs) is not _Tensor or model_output is None:
+        return None
+    shape, dtype, device = sample.shape, sample.dtype, sample.device
+    # _override read directly: get_override() would add a call to every step
+    chosen = _CHOSEN.get((backend, _backends._override, device, dtype))
+    if (chosen is None or _is_compiling() or not sample.is_contiguous() or sample.numel() == 0
+            or coefs.dtype is not torch.float32 or coefs.shape != _COEFS_SHAPE
+            or coefs.device != device or not coefs.is_contiguous()):
+        return None
+    for t in (model_output, uncond, noise, prev_x0):
+        if t is not None and (type(t) is not _Tensor or t.shape != shape or t.dtype is not dtype
+                              or t.device != device or not t.is_contiguous()):
+            return None
+    return _dispatch.impls[chosen]
 
 
 # ------------------------------------------------------------------ backends
+# Every impl takes operands that share one dense layout (flat arrays) and contiguous fp32
+# coefs: the eager fast path passes them as they come, everything else goes through
+# _normalized first.
 def _reference_fwd(sample, model_output, coefs, uncond, noise, prev_x0, return_x0):
     dt = torch.float64 if sample.dtype == torch.float64 else torch.float32
     prev, x0 = reference.scheduler_update(sample, model_output, coefs, uncond, noise, prev_x0, upcast=dt)
     return prev.to(sample.dtype), x0.to(sample.dtype) if return_x0 else None
 
 
-def _flat_operands(sample, *others):
-    """The kernels treat every operand as one flat array, so all must share sample's dense
-    strides; anything else is copied to contiguous (latents almost always already are)."""
-    tensors = (sample,) + others
-    if sample.is_contiguous() and all(t is None or t.is_contiguous() for t in others):
-        return tensors  # the common case, without building stride tuples
-    dense = sample.is_contiguous() or sample.is_contiguous(memory_format=torch.channels_last)
-    if dense and all(t is None or t.stride() == sample.stride() for t in others):
-        return tensors
-    return tuple(None if t is None else t.contiguous() for t in tensors)
+def _normalized(sample, model_output, coefs, uncond, noise, prev_x0):
+    """The impls' operands: one shared dense layout, else all contiguous copies (latents
+    almost always are already), and contiguous fp32 coefs."""
+    tensors = (sample, model_output, uncond, noise, prev_x0)
+    if not all(t is None or t.is_contiguous() for t in tensors):
+        dense = sample.is_contiguous(memory_format=torch.channels_last)
+        if not (dense and all(t is None or t.stride() == sample.stride() for t in tensors)):
+            tensors = tuple(None if t is None else t.contiguous() for t in tensors)
+    sample, model_output, uncond, noise, prev_x0 = tensors
+    if coefs.dtype != torch.float32 or not coefs.is_contiguous():
+        coefs = coefs.to(torch.float32).contiguous()
+    return sample, model_output, coefs, uncond, noise, prev_x0
 
 
-def _compiled_fwd(module, sample, model_output, coefs, uncond, noise, prev_x0, return_x0, *stream):
-    sample, model_output, uncond, noise, prev_x0 = _flat_operands(sample, model_output, uncond, noise, prev_x0)
-    coefs = coefs if coefs.dtype == torch.float32 and coefs.is_contiguous() else coefs.to(torch.float32).contiguous()
+def _compiled_fwd(module, sample, model_output, coefs, uncond, noise, prev_x0, return_x0, stream=None):
     prev = new_empty(sample)
     x0 = new_empty(sample) if return_x0 else None
-    module.scheduler_update(sample.data_ptr(), model_output.data_ptr(), ptr(uncond), ptr(noise),
-                            ptr(prev_x0), coefs.data_ptr(), prev.data_ptr(), ptr(x0),
-                            sample.numel(), DTYPE_CODE[sample.dtype], *stream)
+    args = (sample.data_ptr(), model_output.data_ptr(), ptr(uncond), ptr(noise), ptr(prev_x0),
+            coefs.data_ptr(), prev.data_ptr(), ptr(x0), sample.numel(), DTYPE_CODE[sample.dtype])
+    if stream is None:  # not `*stream`: re-packing every argument per call costs ~0.1 µs
+        module.scheduler_update(*args)
+    else:
+        module.scheduler_update(*args, stream)
     return prev, x0
 
 
-def _cpu_fwd(*args):
-    return _compiled_fwd(_ext.load_cpu()[0], *args)  # load_cpu() is a dict lookup after the first call
+# Bound once: backends' import already loaded the module (_ext.preload). When it is not
+# built this holds None, and the cpu backend is never chosen (backends._device_reason).
+_cpu_fwd = functools.partial(_compiled_fwd, _ext.load_cpu()[0])
 
 
 def _cuda_fwd(sample, *args):
@@ -305,9 +343,8 @@ def _cuda_fwd(sample, *args):
 
 
 def _triton_fwd(sample, model_output, coefs, uncond, noise, prev_x0, return_x0):
-    sample, model_output, uncond, noise, prev_x0 = _flat_operands(sample, model_output, uncond, noise, prev_x0)
-    return _ext.load_triton()[0].scheduler.scheduler_update(
-        sample, model_output, coefs.to(torch.float32), uncond, noise, prev_x0, return_x0)
+    return _ext.load_triton()[0].scheduler.scheduler_update(sample, model_output, coefs, uncond, noise,
+                                                            prev_x0, return_x0)
 
 
 _dispatch.register("reference", _reference_fwd)
@@ -322,8 +359,8 @@ def _scheduler_update_op(sample: torch.Tensor, model_output: torch.Tensor, coefs
                          model_output_uncond: Optional[torch.Tensor], noise: Optional[torch.Tensor],
                          prev_x0: Optional[torch.Tensor], return_x0: bool,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    prev, x0 = _dispatch.impls[backend](sample, model_output, coefs, model_output_uncond, noise,
-                                        prev_x0, return_x0)
+    args = _normalized(sample, model_output, coefs, model_output_uncond, noise, prev_x0)
+    prev, x0 = _dispatch.impls[backend](*args, return_x0)
     return prev, (x0 if x0 is not None else sample.new_empty((0,)))
 
 
@@ -340,6 +377,10 @@ def scheduler_update(sample: torch.Tensor, model_output: torch.Tensor, coefs: to
     """The generic fused sampler update (module docstring). coefs: [12] tensor on the data's
     device, from one of the `*_coefs` builders (or a row of a precomputed [T, 12] table).
     Returns prev_sample, or (prev_sample, pred_x0) when return_x0."""
+    impl = _fast_impl(sample, model_output, coefs, model_output_uncond, noise, prev_x0, backend)
+    if impl is not None:
+        prev, x0 = impl(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x0)
+        return (prev, x0) if return_x0 else prev
     choice = _resolve(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x0, backend)
     if sample.numel() == 0:
         prev = torch.empty_like(sample)
@@ -348,8 +389,8 @@ def scheduler_update(sample: torch.Tensor, model_output: torch.Tensor, coefs: to
         prev, x0 = _scheduler_update_op(sample, model_output, coefs, model_output_uncond, noise,
                                         prev_x0, return_x0, choice.backend)
     else:
-        prev, x0 = _dispatch.impls[choice.backend](sample, model_output, coefs, model_output_uncond,
-                                                   noise, prev_x0, return_x0)
+        args = _normalized(sample, model_output, coefs, model_output_uncond, noise, prev_x0)
+        prev, x0 = _dispatch.impls[choice.backend](*args, return_x0)
     return (prev, x0) if return_x0 else prev
 
 
@@ -367,10 +408,9 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=0.0, no
     tensors on the device). model_output_uncond + guidance_scale fuse classifier-free guidance
     (model_output is then the conditional output). eta > 0 needs noise.
     """
-    check.finite_number("eta", eta, minimum=0.0, allow_tensor=True)
-    _needs_noise("eta", eta, noise)
     coefs = ddim_coefs(alpha_prod_t, alpha_prod_t_prev, eta, prediction_type, clip_sample_range,
                        use_clipped_model_output, guidance_scale, device=sample.device)
+    _needs_noise("eta", eta, noise)  # after ddim_coefs, whose (memoized) checks say what eta may be
     return scheduler_update(sample, model_output, coefs, model_output_uncond, noise, None, return_x0, backend)
 
 
