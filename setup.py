@@ -123,6 +123,8 @@ def _extensions():
         Extension(
             "flashdiff._cpu",
             sources=_rel("csrc/cpu/*.cpp") + ["csrc/bindings/cpu_module.cpp"],
+            # headers too: an in-place rebuild after editing only cpu_vec.h must not keep stale code
+            depends=_rel("csrc/include/flashdiff/*.h") + _rel("csrc/cpu/*.h"),
             include_dirs=[INCLUDE, _pybind11_include()],
             extra_compile_args=cpu_flags,
             extra_link_args=["-fopenmp"],

@@ -244,8 +244,7 @@ inline void vstore_partial(T* p, vfloat v, int64_t n) {
 // Precision switch of the functions below: kFast = false gives fp32 accuracy (~1-3 ulp);
 // kFast = true, used when the result is stored as fp16/bf16, allows a relative error below
 // 1e-4 (a quarter of an fp16 ulp, 1/40 of a bf16 ulp) and saves a few polynomial terms.
-// Reciprocals are true divisions (1.0f / d): on Zen 5 vdivps runs on its own unit, beside the
-// FMA pipes that bound these functions, so it beat vrcp14ps + a Newton step (see vsilu_batch).
+// Reciprocals are true divisions (1.0f / d): see the activations below.
 
 // min(max(x, lo), hi) with NaN passed through (AVX-512 vmaxps/vminps return their second
 // operand when either is NaN; the portable selects compare false on NaN).
@@ -261,30 +260,14 @@ inline vfloat vclamp(vfloat x, float lo, float hi) {
 
 constexpr float kExpLo = -87.0f, kExpHi = 88.0f;  // exp stays a normal float in between
 
-// exp(x) for x in [kExpLo, kExpHi] or NaN (callers clamp; vexp below does). Cody-Waite
-// reduction x = n ln2 + r, |r| <= ln2/2 (ln2 split in a 9-bit head and a tail, so n * head is
-// exact), exp(r) ~ 1 + r + r^2 q(r) with q a degree-4 minimax fit for relative error (3e-9
-// in exact arithmetic), then scaled by 2^n. Measured max error 1 ulp against double exp.
-// kFast: relative error < 1e-5 (AVX-512DQ: a 2^f polynomial, below; else one-step reduction
-// and q of degree 2, 5.3e-6).
+// exp(x) for x in [kExpLo, kExpHi] or NaN (callers clamp), for targets without AVX-512DQ
+// (vexp2_batch below is the AVX-512 form). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2
+// (ln2 split in a 9-bit head and a tail, so n * head is exact), exp(r) ~ 1 + r + r^2 q(r)
+// with q a degree-4 minimax fit for relative error (3e-9 in exact arithmetic), then scaled by
+// 2^n. Measured max error 1 ulp against double exp. kFast: one-step reduction and q of
+// degree 2, relative error 5.3e-6.
 template <bool kFast = false>
 inline vfloat vexp_in_range(vfloat x) {
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-  if constexpr (kFast) {
-    // exp(x) = 2^t, t = x log2(e) = n + f with n = round(t), f = t - n in [-1/2, 1/2] from one
-    // vreduceps; 2^f by a degree-4 relative-minimax polynomial (2.6e-6), 2^n by vscalefps.
-    // Rounding t to fp32 adds a relative error <= |t| 2^-24 ln 2 <= 5.3e-6.
-    const __m512 t = _mm512_mul_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f));
-    const vfloat f = (vfloat)_mm512_maskz_reduce_ps(0xffff, t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const vfloat n = (vfloat)t - f;
-    vfloat p = vset1(9.570102207362652e-3f);
-    p = vfma(p, f, vset1(5.591786280274391e-2f));
-    p = vfma(p, f, vset1(2.40247443318367e-1f));
-    p = vfma(p, f, vset1(6.931217908859253e-1f));
-    p = vfma(p, f, vset1(9.999992847442627e-1f));
-    return (vfloat)_mm512_maskz_scalef_ps(0xffff, (__m512)p, (__m512)n);
-  }
-#endif
 #if defined(__AVX512F__)
   const vfloat n = (vfloat)_mm512_maskz_roundscale_ps(
       0xffff, (__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -317,61 +300,92 @@ inline vfloat vexp_in_range(vfloat x) {
 #endif
 }
 
-// exp(x) for any x: clamped to [-87, 88] first, so exp(-inf) ~ 1.6e-38 and exp(inf) ~ 1.7e38
-// (never 0 or inf); NaN in gives NaN out.
-template <bool kFast = false>
-inline vfloat vexp(vfloat x) { return vexp_in_range<kFast>(vclamp(x, kExpLo, kExpHi)); }
+// ------------------------------------------------------------------ activations, K at a time
+// The activations take K independent vectors in lock-step: each stage is issued for all K
+// before the next, so the K dependency chains (~15-25 ops, 60+ cycles deep) overlap instead of
+// stalling the out-of-order scheduler one chain at a time (GCC keeps source order on x86).
+// Measured on a Zen 5 core (fp32 SiLU alone, L1-resident, cycles per vector): 9.9 one at a
+// time with the former vrcp14ps + Newton quotient, 6.9 with K = 4 and that quotient, 5.5 with
+// K = 4 and a true divide, 5.2 with K = 8. The divide wins because Zen 5's divider is its own
+// unit (one 16-lane vdivps per ~2.5 cycles) beside the FMA pipes that bound these functions,
+// where vrcp14ps + a Newton step took 3 FMA-pipe slots; it is also exactly rounded.
 
-// silu(v) = v / (1 + exp(-v)) for K independent vectors in lock-step: each stage below is
-// issued for all K before the next, so the K dependency chains (~15 ops, ~60 cycles deep)
-// overlap instead of stalling the out-of-order scheduler one chain at a time. Measured on a
-// Zen 5 core (fp32 SiLU alone, L1-resident, cycles per vector): 9.9 one at a time with the
-// former vrcp14ps + Newton quotient, 6.9 with K = 4 and that quotient, 5.5 with K = 4 and the
-// divide below, 5.2 with K = 8.
-//
-// AVX-512 form: exp(-v) = 2^t, t = -v log2(e), in base 2, which needs no Cody-Waite range
-// reduction: f = t - floor(t) in [0, 1) is one exact vreduceps, 2^f a relative-minimax
-// polynomial (degree 5: 1.5e-7; kFast, degree 3: 7.5e-5), and vscalefps multiplies by
-// 2^floor(t) itself, saturating to 0 or inf, so no integer exponent and no clamp. The
-// quotient is a true vdivps: Zen 5's divider is its own unit (one 16-lane divide per 2.5
-// cycles) running beside the FMA pipes, where vrcp14ps + a Newton step took 3 FMA-pipe slots
-// (the bound), so the divide is both faster (7.0 -> 5.5 cycles) and exactly rounded.
-// Error: fp32 (rounding of t, ~|t| 2^-24, included) |silu - exact| <= 1.3e-6 on [-100, 100],
-// ~1-2 ulp of the result where it is not tiny; kFast (16-bit outputs) <= 1.7e-5, a
-// sixtieth of a bf16 ulp. Special values as torch: NaN -> NaN, inf -> inf, -inf -> NaN
-// (-inf / inf), silu(v < -88) = -0 (exact: ~-1e-36 |v|).
+// out = 2^t for K vectors (t and out must not alias: t is read again at the end). AVX-512: base 2 needs no Cody-Waite range reduction: f = t - floor(t) in
+// [0, 1) is one exact vreduceps, 2^f a relative-minimax polynomial (degree 5: 1.5e-7; kFast,
+// degree 3: 7.5e-5), and vscalefps multiplies by 2^floor(t) itself, saturating to 0 or inf
+// (t = -inf -> 0, +inf -> inf, NaN -> NaN), so no integer exponent and no clamp.
 template <bool kFast, int K>
-inline void vsilu_batch(vfloat (&v)[K]) {
+inline void vexp2_batch(const vfloat (&t)[K], vfloat (&out)[K]) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-  vfloat t[K], f[K], p[K];
-#pragma GCC unroll 8
-  for (int j = 0; j < K; ++j) t[j] = v[j] * vset1(-1.44269504088896341f);
+  vfloat f[K];
 #pragma GCC unroll 8
   for (int j = 0; j < K; ++j)
     f[j] = (vfloat)_mm512_maskz_reduce_ps(0xffff, (__m512)t[j], _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  // Horner, one coefficient at a time across the K vectors.
-  constexpr int kDeg = kFast ? 3 : 5;
+  constexpr int kDeg = kFast ? 3 : 5;  // Horner, one coefficient at a time across the K vectors
   static constexpr float kCoef[2][6] = {
       {1.877575996e-3f, 8.989342488e-3f, 5.582631379e-2f, 2.401536256e-1f, 6.931530833e-1f, 9.999999404e-1f},
       {7.802446187e-2f, 2.260672748e-1f, 6.958335042e-1f, 9.999251962e-1f, 0.f, 0.f}};
   const float* c = kCoef[kFast ? 1 : 0];
 #pragma GCC unroll 8
-  for (int j = 0; j < K; ++j) p[j] = vfma(vset1(c[0]), f[j], vset1(c[1]));
+  for (int j = 0; j < K; ++j) out[j] = vfma(vset1(c[0]), f[j], vset1(c[1]));
 #pragma GCC unroll 6
   for (int d = 2; d <= kDeg; ++d) {
 #pragma GCC unroll 8
-    for (int j = 0; j < K; ++j) p[j] = vfma(p[j], f[j], vset1(c[d]));
+    for (int j = 0; j < K; ++j) out[j] = vfma(out[j], f[j], vset1(c[d]));
   }
 #pragma GCC unroll 8
-  for (int j = 0; j < K; ++j)  // 1 + exp(-v)
-    p[j] = (vfloat)_mm512_maskz_scalef_ps(0xffff, (__m512)p[j], (__m512)t[j]) + 1.0f;
-#pragma GCC unroll 8
-  for (int j = 0; j < K; ++j) v[j] = v[j] / p[j];
+  for (int j = 0; j < K; ++j) out[j] = (vfloat)_mm512_maskz_scalef_ps(0xffff, (__m512)out[j], (__m512)t[j]);
 #else
-  // Portable: the clamp keeps exp(-v) finite, so -inf gives -inf here; NaN propagates.
+  // Portable: exp(t ln 2), clamped so the result stays a normal float (NaN propagates).
   for (int j = 0; j < K; ++j)
-    v[j] = v[j] / (1.0f + vexp_in_range<kFast>(vclamp(-v[j], kExpLo, kExpHi)));
+    out[j] = vexp_in_range<kFast>(vclamp(t[j] * 0.693147180559945309f, kExpLo, kExpHi));
 #endif
+}
+
+// silu(v) = v / (1 + 2^(-v log2 e)), in place. Error: fp32 (rounding of the exponent, ~|v|
+// 2^-24, included) |silu - exact| <= 1.3e-6 on [-100, 100], ~1-2 ulp of the result where it
+// is not tiny; kFast (16-bit outputs) <= 1.7e-5, a sixtieth of a bf16 ulp. Special values as
+// torch: NaN -> NaN, inf -> inf, -inf -> NaN (-inf / inf), silu(v < -88) = -0 (exact:
+// ~-1e-36 |v|). Portable targets clamp the exponent, so -inf gives -inf there.
+template <bool kFast, int K>
+inline void vsilu_batch(vfloat (&v)[K]) {
+  vfloat t[K], e[K];
+#pragma GCC unroll 8
+  for (int j = 0; j < K; ++j) t[j] = v[j] * vset1(-1.44269504088896341f);
+  vexp2_batch<kFast>(t, e);
+#pragma GCC unroll 8
+  for (int j = 0; j < K; ++j) v[j] = v[j] / (e[j] + 1.0f);
+}
+
+// Exact GELU, 0.5 v (1 + erf(v / sqrt 2)), in place, with erf from Abramowitz & Stegun 7.1.26
+// (|error| <= 1.5e-7, the same formula as torch's vectorized CPU erf). 1 + erf(z) is formed
+// as erfc(|z|) for z < 0 and 2 - erfc(z) otherwise, so negative inputs suffer no
+// cancellation. Max |error| of the result ~ 2e-7 * max(1, |v|) (measured ~4e-7 on [-10, 10];
+// kFast: ~2e-5 * max(1, |v|)).
+template <bool kFast, int K>
+inline void vgelu_batch(vfloat (&v)[K]) {
+  vfloat a[K], r[K], p[K], t[K], e[K];
+#pragma GCC unroll 8
+  for (int j = 0; j < K; ++j)  // |z|; NaN stays NaN. |z| = inf gives r = 0 and exp(-a^2) = 0, so
+    a[j] = (vfloat)((vuint)(v[j] * 0.70710678118654752f) & 0x7fffffffu);  // gelu(-inf) = NaN, as torch
+#pragma GCC unroll 8
+  for (int j = 0; j < K; ++j) r[j] = 1.0f / vfma(a[j], vset1(0.3275911f), vset1(1.0f));
+#pragma GCC unroll 8
+  for (int j = 0; j < K; ++j) t[j] = a[j] * a[j] * vset1(-1.44269504088896341f);
+  vexp2_batch<kFast>(t, e);  // exp(-a^2)
+  static constexpr float kErfc[5] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f};
+#pragma GCC unroll 8
+  for (int j = 0; j < K; ++j) p[j] = vfma(vset1(kErfc[0]), r[j], vset1(kErfc[1]));
+#pragma GCC unroll 4
+  for (int d = 2; d < 5; ++d) {
+#pragma GCC unroll 8
+    for (int j = 0; j < K; ++j) p[j] = vfma(p[j], r[j], vset1(kErfc[d]));
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < K; ++j) {
+    const vfloat erfc_a = p[j] * r[j] * e[j];
+    v[j] = 0.5f * v[j] * vselect(v[j] < 0.0f, erfc_a, 2.0f - erfc_a);
+  }
 }
 
 template <bool kFast = false>
@@ -381,25 +395,11 @@ inline vfloat vsilu(vfloat v) {
   return b[0];
 }
 
-// Exact GELU, 0.5 v (1 + erf(v / sqrt 2)), with erf from Abramowitz & Stegun 7.1.26
-// (|error| <= 1.5e-7, the same formula as torch's vectorized CPU erf). 1 + erf(z) is formed
-// as erfc(|z|) for z < 0 and 2 - erfc(z) otherwise, so negative inputs suffer no
-// cancellation. Max |error| of the result ~ 2e-7 * max(1, |v|) (measured ~4e-7 on [-10, 10];
-// kFast: ~2e-5 * max(1, |v|)).
 template <bool kFast = false>
 inline vfloat vgelu(vfloat v) {
-  const vfloat z = v * 0.70710678118654752f;
-  // |z|, capped where erfc(|z|) < 1e-38 (exp(-a^2) stays in range; keeps t finite); NaN kept.
-  const vfloat a = vclamp((vfloat)((vuint)z & 0x7fffffffu), 0.0f, 9.3f);
-  const vfloat t = 1.0f / vfma(a, vset1(0.3275911f), vset1(1.0f));  // the divider is idle: see vsilu_batch
-  vfloat p = vset1(1.061405429f);
-  p = vfma(p, t, vset1(-1.453152027f));
-  p = vfma(p, t, vset1(1.421413741f));
-  p = vfma(p, t, vset1(-0.284496736f));
-  p = vfma(p, t, vset1(0.254829592f));
-  const vfloat erfc_a = p * t * vexp_in_range<kFast>(-(a * a));
-  const vfloat one_plus_erf = vselect(z < 0.0f, erfc_a, 2.0f - erfc_a);
-  return 0.5f * v * one_plus_erf;
+  vfloat b[1] = {v};
+  vgelu_batch<kFast>(b);
+  return b[0];
 }
 
 template <Activation ACT, bool kFast = false>
@@ -409,16 +409,11 @@ inline vfloat vactivation(vfloat v) {
   else return v;
 }
 
-// The activation of K independent vectors, in place. SiLU runs them in lock-step (see
-// vsilu_batch); the others are one vector at a time.
+// The activation of K independent vectors, in place, in lock-step (see above).
 template <Activation ACT, bool kFast, int K>
 inline void vactivation_batch(vfloat (&v)[K]) {
-  if constexpr (ACT == Activation::kSilu) {
-    vsilu_batch<kFast>(v);
-  } else {
-#pragma GCC unroll 8
-    for (int j = 0; j < K; ++j) v[j] = vactivation<ACT, kFast>(v[j]);
-  }
+  if constexpr (ACT == Activation::kSilu) vsilu_batch<kFast>(v);
+  else if constexpr (ACT == Activation::kGelu) vgelu_batch<kFast>(v);
 }
 
 }  // namespace cpu
