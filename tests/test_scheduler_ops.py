@@ -71,19 +71,24 @@ def test_family_step(device_backend, dtype, family, prediction, cfg, noisy):
     assert prev.dtype == dtype and prev.shape == x.shape
     assert_close(prev, ref_prev, ref_prev_d, label + " prev")
     assert_close(x0, ref_x0, ref_x0_d, label + " x0")
+    with poisoned_outputs():  # no x0 output: unclipped families take the CPU's folded form
+        prev_only = op(*args, **kw, return_x0=False, backend=backend)
+    assert_close(prev_only, ref_prev, ref_prev_d, label + " prev (return_x0=False)")
 
 
 @pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", [(1,), (7, 3), (1, 4, 17, 19), (2, 4, 64, 64)],
                          ids=["single", "tiny-odd", "prime", "sd-latent"])
 @pytest.mark.parametrize("flags", range(16), ids=lambda f: f"flags{f:04b}")
-def test_generic_update_every_flag(device_backend, shape, flags):
-    """uncond / noise / prev_x0 / x0-output each present or absent: 16 kernel variants."""
+@pytest.mark.parametrize("clip", [0.8, float("inf")], ids=["clip", "noclip"])
+def test_generic_update_every_flag(device_backend, shape, flags, clip):
+    """uncond / noise / prev_x0 / x0-output each present or absent, clipping or not: every
+    kernel variant (the CPU folds the update when nothing clips and x0 is not written)."""
     device, backend = device_backend
     require_backend(device, backend)
     x, m, u, n, d = _tensors(torch.float32, device, shape)
     coefs = torch.randn(12, device=device)
-    coefs[3] = 0.8  # clip
+    coefs[3] = clip
     u, n, d = (t if flags >> i & 1 else None for i, t in enumerate((u, n, d)))
     return_x0 = bool(flags >> 3 & 1)
     with poisoned_outputs():

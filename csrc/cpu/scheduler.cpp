@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -30,9 +31,26 @@ namespace {
 constexpr int64_t kParallelMin = 1 << 16;  // below: one thread (a fork costs more than the work)
 constexpr int64_t kBlock = 1 << 14;        // elements per OpenMP work item
 
+// Without clipping (clip = +inf) and without an x0 output, x0 and eps are linear in x and m,
+// so prev folds to fx x + fm m (+ the noise and prev_x0 terms): one multiply and one FMA per
+// vector instead of 9 ops and a clamp; the [2, 4, 64, 64] fp32 DDIM + CFG call drops from
+// ~3.1 to ~2.2 us. The folded coefficients are formed in double from the 12 fp32 ones. The
+// guidance mix m = u + g (c - u) stays as it is: expanding it to g c + (1 - g) u would scale
+// rounding errors by g where c and u are close.
+struct FoldedCoefs {
+  float fx, fm;
+  explicit FoldedCoefs(const float* k) {
+    const double ax = k[kX0FromX], am = k[kX0FromM], ex = k[kEpsFromX], em = k[kEpsFromM];
+    const double e0 = k[kEpsFromX0], px = k[kPrevFromX], p0 = k[kPrevFromX0], pe = k[kPrevFromEps];
+    const double via_x0 = p0 + pe * e0;  // prev's weight on x0, directly and through eps
+    fx = static_cast<float>(px + pe * ex + via_x0 * ax);
+    fm = static_cast<float>(pe * em + via_x0 * am);
+  }
+};
+
 // Elements [lo, hi). The coefficient vectors are locals of this function so that they live in
 // registers across the loop.
-template <typename T, bool kHasUncond, bool kHasNoise, bool kHasPrevX0, bool kWriteX0>
+template <typename T, bool kHasUncond, bool kHasNoise, bool kHasPrevX0, bool kWriteX0, bool kFolded>
 void scheduler_range(const SchedulerUpdateParams& p, int64_t lo, int64_t hi) {
   const T* xs = static_cast<const T*>(p.sample);
   const T* cs = static_cast<const T*>(p.model_output);
@@ -49,6 +67,8 @@ void scheduler_range(const SchedulerUpdateParams& p, int64_t lo, int64_t hi) {
   const vfloat px = vset1(k[kPrevFromX]), p0 = vset1(k[kPrevFromX0]);
   const vfloat pe = vset1(k[kPrevFromEps]), pn = vset1(k[kPrevFromNoise]);
   const vfloat pd = vset1(k[kPrevFromPrevX0]);
+  const FoldedCoefs folded(k);
+  const vfloat fx = vset1(folded.fx), fm = vset1(folded.fm);
 
   // Elements [i, i + n), n <= kVec; kFull (n == kVec): plain loads, else zero-padded lanes.
   auto step = [&](auto full, int64_t i, int64_t n) __attribute__((always_inline)) {
@@ -65,32 +85,37 @@ void scheduler_range(const SchedulerUpdateParams& p, int64_t lo, int64_t hi) {
       const vfloat u = load(us);
       m = vfma(guidance, m - u, u);
     }
-    vfloat x0 = vfma(ax, x, am * m);
-    x0 = vselect(x0 < neg_clip, neg_clip, x0);  // comparisons with NaN are false: NaN kept
-    x0 = vselect(x0 > clip, clip, x0);
-    const vfloat eps = vfma(ex, x, vfma(em, m, e0 * x0));
-    vfloat prev = vfma(px, x, vfma(p0, x0, pe * eps));
+    vfloat prev, x0;
+    if constexpr (kFolded) {
+      prev = vfma(fm, m, fx * x);
+    } else {
+      x0 = vfma(ax, x, am * m);
+      x0 = vselect(x0 < neg_clip, neg_clip, x0);  // comparisons with NaN are false: NaN kept
+      x0 = vselect(x0 > clip, clip, x0);
+      const vfloat eps = vfma(ex, x, vfma(em, m, e0 * x0));
+      prev = vfma(px, x, vfma(p0, x0, pe * eps));
+    }
     if constexpr (kHasNoise) prev = vfma(pn, load(ns), prev);
     if constexpr (kHasPrevX0) prev = vfma(pd, load(ds), prev);
     store(prev_out, prev);
-    if constexpr (kWriteX0) store(x0_out, x0);
+    if constexpr (kWriteX0) store(x0_out, x0);  // never folded (see FoldedCoefs)
   };
   int64_t i = lo;
   for (; i + kVec <= hi; i += kVec) step(std::true_type{}, i, kVec);
   if (i < hi) step(std::false_type{}, i, hi - i);
 }
 
-template <typename T, bool kHasUncond, bool kHasNoise, bool kHasPrevX0, bool kWriteX0>
+template <typename T, bool kHasUncond, bool kHasNoise, bool kHasPrevX0, bool kWriteX0, bool kFolded>
 void scheduler_kernel(const SchedulerUpdateParams& p) {
   const int64_t numel = p.numel;
   if (numel < kParallelMin || omp_get_max_threads() == 1) {
-    scheduler_range<T, kHasUncond, kHasNoise, kHasPrevX0, kWriteX0>(p, 0, numel);
+    scheduler_range<T, kHasUncond, kHasNoise, kHasPrevX0, kWriteX0, kFolded>(p, 0, numel);
     return;
   }
   const int64_t nblocks = (numel + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b)
-    scheduler_range<T, kHasUncond, kHasNoise, kHasPrevX0, kWriteX0>(
+    scheduler_range<T, kHasUncond, kHasNoise, kHasPrevX0, kWriteX0, kFolded>(
         p, b * kBlock, std::min(numel, (b + 1) * kBlock));
 }
 
@@ -119,7 +144,11 @@ void scheduler_update(const SchedulerUpdateParams& params) {
       FD_BOOL_SWITCH(params.noise != nullptr, kHasNoise, [&] {
         FD_BOOL_SWITCH(params.prev_x0 != nullptr, kHasPrevX0, [&] {
           FD_BOOL_SWITCH(params.x0_out != nullptr, kWriteX0, [&] {
-            scheduler_kernel<T, kHasUncond, kHasNoise, kHasPrevX0, kWriteX0>(params);
+            // +inf: no clipping (the coefficient builders' "no clip"); NaN or finite: clamp
+            const bool clips = !(params.coefs[kClip] == std::numeric_limits<float>::infinity());
+            FD_BOOL_SWITCH(!kWriteX0 && !clips, kFolded, [&] {
+              scheduler_kernel<T, kHasUncond, kHasNoise, kHasPrevX0, kWriteX0, kFolded>(params);
+            });
           });
         });
       });
