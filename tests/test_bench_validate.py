@@ -56,8 +56,8 @@ def test_validate_passes_on_this_machines_backends(tmp_path, capsys):
 
 
 def _broken(kind, original):
-    def impl(x, *args):
-        y, mean, rstd = original(x, *args)
+    def impl(x, *args, **kwargs):
+        y, mean, rstd = original(x, *args, **kwargs)
         if kind == "garbage":
             y = torch.randn_like(y) * 100
         elif kind == "slightly-off":  # 1 % too large: far outside the fp32 bound, near the bf16 one

@@ -40,11 +40,12 @@ from .e2e import e2e_cases, load_model, set_model_backend
 from .machine import git_commit, machine_info
 from .report import format_tables, summary_markdown, summary_rows, write_json
 from .runner import CASE_BUILDERS, _run_case, build_cases, run
-from .timing import Timing, measure, measure_ceilings
+from .timing import Timing, measure, measure_ceilings, steady_host_allocator
 
 __all__ = [
     "SCHEMA", "DTYPES", "DTYPE_NAME", "EPS", "Skip", "BenchOptions", "default_dtypes", "Row", "Case",
     "flashdiff_backends", "git_commit", "machine_info", "Timing", "measure", "measure_ceilings",
+    "steady_host_allocator",
     "attention_cases", "group_norm_eager", "group_norm_cases", "DDIM_A_T", "DDIM_A_PREV", "GUIDANCE",
     "FLOW_SIGMA", "FLOW_SIGMA_NEXT", "ddim_cfg_eager", "flow_euler_eager", "scheduler_cases",
     "load_model", "set_model_backend", "e2e_cases", "CASE_BUILDERS", "build_cases", "run",

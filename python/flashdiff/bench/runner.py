@@ -18,7 +18,7 @@ from .core import (DTYPES, SCHEMA, BenchOptions, Case, Skip, _Compiler, _first_l
 from .e2e import e2e_cases
 from .machine import machine_info
 from .report import write_json
-from .timing import measure, measure_ceilings
+from .timing import measure, measure_ceilings, steady_host_allocator
 
 CASE_BUILDERS = {"attention": attention_cases, "group_norm": group_norm_cases,
                  "scheduler": scheduler_cases, "e2e": e2e_cases}
@@ -134,7 +134,7 @@ def run(opts: BenchOptions) -> Dict[str, Any]:
     compiler = _Compiler(compile_on, mode, opts.compile_budget_s)
     t_start = time.perf_counter()
     result: Dict[str, Any] = {"schema": SCHEMA, "meta": machine_info(device)}
-    result["meta"].update(argv=sys.argv[1:], quick=opts.quick, ops=list(opts.ops),
+    result["meta"].update(host_allocator=steady_host_allocator(), argv=sys.argv[1:], quick=opts.quick, ops=list(opts.ops),
                           presets=list(opts.presets or P.names(device)), compile=compile_on,
                           compile_mode=mode if compile_on else None)
     say(f"flashdiff bench on {result['meta']['card'] or result['meta']['cpu']} "
