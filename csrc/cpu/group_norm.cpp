@@ -265,12 +265,18 @@ struct ArrayCoefs {
 // y[i] = act((x[i] - mean) * A[i] + B[i]) for n contiguous elements. kExact = false:
 // branch-free stores that may flush subnormal bf16 results (see vstore_flagged); returns
 // whether one did. Per element: read x once (L2, just pulled in by the statistics), write y once.
-// next (may be null): the same range of the block the caller normalizes next, prefetched into
-// L2 here so that its statistics pass reads L2, not L3: the fetch overlaps this loop's
-// arithmetic instead of stalling the memory-bound statistics (statistics alone: 3.0 cycles per
-// vector from L3, 2.1 from L2; the whole fp32 SiLU call on one core: 0.177 -> 0.166 ms).
+// next_x, next_y (null or both set): the same range of the block the caller normalizes next.
+// Its x is prefetched into L2 here so that its statistics pass reads L2, not L3, the fetch
+// overlapping this loop's arithmetic instead of stalling the memory-bound statistics
+// (statistics alone: 3.0 cycles per vector from L3, 2.1 from L2; the whole fp32 SiLU call on
+// one core: 0.177 -> 0.166 ms). For fp32 its y is prefetched for writing too: the 21 MB of x
+// and y at SD sizes do not stay in a shared L3, and the stores' read-for-ownership misses then
+// stall the normalize loop ([2, 320, 64, 64], 2 threads, interleaved A/B: 0.21 -> 0.18 ms).
+// 16-bit data, half the bytes and bound by SiLU's arithmetic, measured 1% slower with it.
 template <typename T, Activation ACT, bool kExact, typename Coefs>
-bool affine_act_loop(const T* x, T* y, int64_t n, float mean, const Coefs& cf, const T* next) {
+bool affine_act_loop(const T* x, T* y, int64_t n, float mean, const Coefs& cf, const T* next_x,
+                     T* next_y) {
+  constexpr bool kPrefetchY = std::is_same<T, float>::value;
   constexpr bool kFast = !std::is_same<T, float>::value;  // 16-bit output: see cpu_vec.h
   const vfloat vm = vset1(mean);
   uint32_t flushed = 0;
@@ -278,8 +284,10 @@ bool affine_act_loop(const T* x, T* y, int64_t n, float mean, const Coefs& cf, c
   batched_act<ACT, kFast>(
       nv,
       [&](int64_t k) {
-        if (next != nullptr && (k * kVec * sizeof(T)) % 64 == 0)  // one prefetch per line
-          __builtin_prefetch(next + k * kVec, 0, 2);  // prefetcht1: into L2
+        if (next_x != nullptr && (k * kVec * sizeof(T)) % 64 == 0) {  // one prefetch per line
+          __builtin_prefetch(next_x + k * kVec, 0, 2);  // prefetcht1: into L2
+          if constexpr (kPrefetchY) __builtin_prefetch(next_y + k * kVec, 1, 2);  // prefetchw
+        }
         return vfma(vload(x + k * kVec) - vm, cf.A(k * kVec), cf.B(k * kVec));
       },
       [&](int64_t k, vfloat v) {
@@ -296,11 +304,12 @@ bool affine_act_loop(const T* x, T* y, int64_t n, float mean, const Coefs& cf, c
 
 template <typename T, Activation ACT, typename Coefs>
 void affine_act_run(const T* x, T* y, int64_t n, float mean, const Coefs& cf,
-                    const T* next = nullptr) {
+                    const T* next_x = nullptr, T* next_y = nullptr) {
   if constexpr (kStoreMayFlush<T>) {
-    if (disjoint(x, y, n) && !affine_act_loop<T, ACT, false>(x, y, n, mean, cf, next)) return;
+    if (disjoint(x, y, n) && !affine_act_loop<T, ACT, false>(x, y, n, mean, cf, next_x, next_y))
+      return;
   }
-  affine_act_loop<T, ACT, true>(x, y, n, mean, cf, nullptr);  // exact (or a rare redo)
+  affine_act_loop<T, ACT, true>(x, y, n, mean, cf, nullptr, nullptr);  // exact (or a rare redo)
 }
 
 // Threads for a call of `total` elements. Below kParallelMin it runs on the calling thread,
@@ -383,13 +392,14 @@ void group_norm_nchw(const GroupNormParams& p) {
   auto block_normalize = [&](int64_t blk, int64_t lo, int64_t hi, float mean, NchwScratch& w,
                              bool prefetch_next) {
     const T* xb = x + blk * L;
-    const T* nb = prefetch_next ? xb + L : nullptr;
     T* yb = y + blk * L;
+    const T* nx = prefetch_next ? xb + L : nullptr;  // block blk + 1
+    T* ny = prefetch_next ? yb + L : nullptr;
     const float* A = w.A.data();
     const float* B = w.B.data();
     if (S == 1) {  // element i is channel i
       affine_act_run<T, ACT>(xb + lo, yb + lo, hi - lo, mean, ArrayCoefs{A + lo, B + lo},
-                             nb ? nb + lo : nullptr);
+                             nx ? nx + lo : nullptr, ny ? ny + lo : nullptr);
     } else if (expand_coefs(S)) {
       float* Ar = w.Arep.data();
       float* Br = w.Brep.data();
@@ -407,14 +417,14 @@ void group_norm_nchw(const GroupNormParams& p) {
           i = e;
         }
         affine_act_run<T, ACT>(xb + lo, yb + lo, end - lo, mean, ArrayCoefs{Ar, Br},
-                               nb ? nb + lo : nullptr);
+                               nx ? nx + lo : nullptr, ny ? ny + lo : nullptr);
         lo = end;
       }
     } else {
       while (lo < hi) {
         const int64_t c = lo / S, end = std::min(hi, (c + 1) * S);
         affine_act_run<T, ACT>(xb + lo, yb + lo, end - lo, mean, ScalarCoefs(A[c], B[c]),
-                               nb ? nb + lo : nullptr);
+                               nx ? nx + lo : nullptr, ny ? ny + lo : nullptr);
         lo = end;
       }
     }
