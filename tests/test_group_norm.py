@@ -76,11 +76,14 @@ def test_options(device_backend, dtype, activation, affine, modulate):
 
 
 @pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
-def test_statistics_are_stable(device_backend):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_statistics_are_stable(device_backend, layout):
     """A large mean over a small spread: E[x²] − E[x]² in fp32 would lose every digit."""
     device, backend = device_backend
     require_backend(device, backend)
     x = 1e4 + torch.randn(2, 8, 16, 16, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     y = flashdiff.group_norm(x, 4, backend=backend)
     ref = reference.group_norm(x, 4, upcast=True)
     assert (y.double() - ref).abs().max() < 5e-3
@@ -171,3 +174,17 @@ def test_cpu_threading_paths(dtype, shape, num_groups, layout):
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: the parallel paths are not taken")
     _check(("cpu", "cpu"), dtype, shape, num_groups, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape, num_groups", [
+    pytest.param((1, 16, 5003, 1), 4, id="C16-2-chunks-last-block-3-periods"),
+    pytest.param((2, 30, 2203, 1), 5, id="C30-P240-partial-block-and-partial-period"),
+    pytest.param((1, 48, 7, 1), 6, id="C48-fewer-than-8-periods"),
+    pytest.param((1, 1000, 9, 1), 10, id="C1000-P2000-two-lanes-per-channel"),
+    pytest.param((1, 24, 5, 1), 3, id="C24-P48-partial-period-only"),
+])
+def test_cpu_channels_last_statistics_chunks(dtype, shape, num_groups):
+    """The CPU's channels_last statistics walk periods of lcm(C, 16) elements in blocks of 8
+    within chunks of ~64K elements: shapes whose rows end inside a block, a period or a chunk."""
+    _check(("cpu", "cpu"), dtype, shape, num_groups, layout="channels_last")

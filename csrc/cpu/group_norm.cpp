@@ -9,10 +9,11 @@
 // Memory traffic: read x once from DRAM, write y once (the same as a copy of x). Each unit of
 // work (an (n, g) block for NCHW, a thread's rows of a sample for channels_last) is read twice:
 // the statistics pass pulls it into the core's cache and the normalize pass re-reads it from
-// there. NCHW statistics take one pass per 4096-element chunk (per-lane exact block
-// statistics merged with Chan's formula, contiguous_stats); channels_last ones are two-pass per
-// chunk (the second pass reading L1). Chunks are combined with Chan's formula in double, in
-// chunk order, so results do not depend on the thread count.
+// there (channels_last: a sample is one unit, larger than L2 at SD sizes, so its normalize
+// pass re-reads L3). Statistics take one pass over x: per-lane exact block statistics merged
+// with Chan's formula, over 4096-element NCHW chunks (contiguous_stats) or ~64K-element
+// channels_last chunks (cl_chunk_stats). Chunks are combined with Chan's formula in double,
+// in chunk order, so results do not depend on the thread count.
 // Roofline: DRAM bandwidth (~2 bytes moved per fp32 byte of x), i.e. the time of x.clone(). In
 // practice SiLU's arithmetic bounds the normalize loop: it runs the activation on 8 vectors in
 // lock-step (batched_act) so that their dependency chains overlap.
@@ -481,85 +482,142 @@ void group_norm_nchw(const GroupNormParams& p) {
 // expanded to P = lcm(C, 16) entries, so every 16-lane vector of a row range that starts at a
 // multiple of P / C rows lines up with them: rows of any width C (6, 30, 1280) run as one flat
 // vector loop with no per-row tail.
+// Statistics chunks are whole multiples of 8 periods (the blocks of cl_chunk_stats) of about
+// kClChunk elements: their per-chunk work (P lanes into C channels into G groups) is O(P + C)
+// scalar operations, so they are 16x the NCHW chunk ([2, 1280, 16, 16] spent half its time
+// there with 4096).
+constexpr int64_t kClChunk = 65536;
+
 struct ClGeometry {
-  int64_t C, G, Cg, S, P, R, nchunks;  // R: rows per chunk (multiple of P / C)
+  int64_t C, G, Cg, S, P, R, nchunks;  // R: rows per chunk (multiple of 8 P / C)
   explicit ClGeometry(const GroupNormParams& p) : C(p.C), G(p.G), Cg(p.C / p.G), S(p.S) {
     P = C / std::gcd(C, static_cast<int64_t>(kVec)) * kVec;
-    R = (P / C) * std::max<int64_t>(1, kChunk / P);
+    R = (P / C) * kStatVecs * std::max<int64_t>(1, kClChunk / (kStatVecs * P));
     nchunks = (S + R - 1) / R;
   }
 };
 
 struct ClScratch {
-  std::vector<float> buf, acc, mrep, nrep, arep, brep, A, B;  // *rep: P-periodic
+  std::vector<vfloat> shift, mean, m2;  // per vector slot of a period: P / 16 each
+  std::vector<double> cmean, cm2;       // per channel
+  std::vector<float> nrep, arep, brep, A, B;  // *rep: P-periodic
   explicit ClScratch(const ClGeometry& g)
-      : buf(g.R * g.C + kVec), acc(g.P), mrep(g.P), nrep(g.P), arep(g.P), brep(g.P), A(g.C), B(g.C) {}
+      : shift(g.P / kVec), mean(g.P / kVec), m2(g.P / kVec), cmean(g.C), cm2(g.C),
+        nrep(g.P), arep(g.P), brep(g.P), A(g.C), B(g.C) {}
 };
 
-// acc[0..C) += acc[C..P): per-channel sums of the P-periodic accumulators.
-inline void fold_periods(const ClGeometry& g, float* acc) {
-  for (int64_t j = g.C; j < g.P; j += g.C)
-    for (int64_t c = 0; c < g.C; ++c) acc[c] += acc[j + c];
-}
-
-// Sum of the per-channel values of one group (groups are independent short chains).
-inline double group_sum(const ClGeometry& g, const float* acc, int64_t grp) {
-  float s = 0.f;
-  for (int64_t c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) s += acc[c];
-  return s;
-}
-
-// Statistics of chunk k (rows [k R, k R + nr)) of one sample, per group: out[0..G).
+// Statistics of chunk k (rows [k R, k R + nr)) of one sample, per group: out[0..G), in one
+// pass over x. The chunk is a run of periods (P elements, P / C rows); vector slot j of every
+// period holds the same 16 channels, so each slot-lane sees one channel. Per slot, blocks of
+// up to 8 periods are reduced as contiguous_stats reduces 8 vectors (values shifted by the
+// slot's first-block mean; block mean and squared deviations in registers; Chan merge into the
+// slot's running lanes, all lanes with the same counts so the weights are scalars), reading an
+// 8P-element window that stays in L1/L2. Lanes then merge into channels and channels into
+// groups in double; every lane of a chunk has the same count, and so has every channel, so
+// those merges are means of means plus squared deviations (no E[x^2] - E[x]^2). A last partial
+// period (P > C and rows not a multiple of P / C) is added per channel by two passes.
+// (This replaced two passes through P-periodic accumulators in memory plus a staging copy of
+// 16-bit data: 9-22 cycles per 16 elements of x, one core of Zen 5.)
 template <typename T>
 void cl_chunk_stats(const ClGeometry& g, const T* xs, int64_t k, ClScratch& w, ChunkStat* out) {
-  constexpr bool kF32 = std::is_same<T, float>::value;
-  const int64_t nr = std::min(g.R, g.S - k * g.R), m = nr * g.C, P = g.P;
+  const int64_t nr = std::min(g.R, g.S - k * g.R), P = g.P, nslots = P / kVec;
   const T* xc = xs + k * g.R * g.C;
-  float* acc = w.acc.data();
-  float* buf = w.buf.data();
-  std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  int64_t i = 0, off = 0;
-  for (; i + kVec <= m; i += kVec) {
-    const vfloat v = vload(xc + i);
-    if constexpr (!kF32) vstoreu(buf + i, v);
-    vstoreu(acc + off, vloadu(acc + off) + v);
-    off += kVec;
-    if (off == P) off = 0;
+  const int64_t nper = nr * g.C / P;  // whole periods
+  const int64_t lanes_per_channel = P / g.C;
+  double* cmean = w.cmean.data();
+  double* cm2 = w.cm2.data();
+  std::fill(w.cmean.begin(), w.cmean.end(), 0.0);
+  std::fill(w.cm2.begin(), w.cm2.end(), 0.0);
+  if (nper > 0) {
+    const int64_t first = std::min<int64_t>(kStatVecs, nper);
+    for (int64_t j = 0; j < nslots; ++j) {
+      vfloat acc = vset1(0.f);
+      for (int64_t u = 0; u < first; ++u) acc += vload(xc + u * P + j * kVec);
+      w.shift[j] = acc * (1.0f / static_cast<float>(first));
+      w.mean[j] = vset1(0.f);
+      w.m2[j] = vset1(0.f);
+    }
+    for (int64_t p0 = 0; p0 < nper; p0 += kStatVecs) {
+      const T* xb = xc + p0 * P;
+      if (p0 + kStatVecs <= nper) {
+        // Chan with counts n_a = p0 (running) and 8 (block), per lane
+        const float wt = static_cast<float>(kStatVecs) / static_cast<float>(p0 + kStatVecs);
+        const vfloat vwt = vset1(wt), vwd = vset1(static_cast<float>(p0) * wt);
+        for (int64_t j = 0; j < nslots; ++j) {
+          vfloat v[kStatVecs];
+          for (int u = 0; u < kStatVecs; ++u) v[u] = vload(xb + u * P + j * kVec) - w.shift[j];
+          const vfloat bmean =
+              (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) * (1.0f / kStatVecs);
+          vfloat q0 = vset1(0.f), q1 = vset1(0.f);  // two chains: FMA latency
+          for (int u = 0; u < kStatVecs; u += 2) {
+            const vfloat d0 = v[u] - bmean, d1 = v[u + 1] - bmean;
+            q0 = vfma(d0, d0, q0);
+            q1 = vfma(d1, d1, q1);
+          }
+          const vfloat d = bmean - w.mean[j];
+          w.mean[j] = vfma(d, vwt, w.mean[j]);
+          w.m2[j] = vfma(d * vwd, d, w.m2[j] + (q0 + q1));
+        }
+      } else {  // the last t < 8 periods: the same with t values per lane
+        const int64_t t = nper - p0;
+        const float wt = static_cast<float>(t) / static_cast<float>(p0 + t);
+        const vfloat vwt = vset1(wt), vwd = vset1(static_cast<float>(p0) * wt);
+        for (int64_t j = 0; j < nslots; ++j) {
+          vfloat v[kStatVecs], sum = vset1(0.f), q = vset1(0.f);
+          for (int64_t u = 0; u < t; ++u) sum += (v[u] = vload(xb + u * P + j * kVec) - w.shift[j]);
+          const vfloat bmean = sum * (1.0f / static_cast<float>(t));
+          for (int64_t u = 0; u < t; ++u) {
+            const vfloat dv = v[u] - bmean;
+            q = vfma(dv, dv, q);
+          }
+          const vfloat d = bmean - w.mean[j];
+          w.mean[j] = vfma(d, vwt, w.mean[j]);
+          w.m2[j] = vfma(d * vwd, d, w.m2[j] + q);
+        }
+      }
+    }
+    // lanes -> channels: equal counts (nper each), so a mean of means, then deviations
+    const float* shift = reinterpret_cast<const float*>(w.shift.data());  // lane i of the period
+    const float* lmean = reinterpret_cast<const float*>(w.mean.data());
+    const float* lm2 = reinterpret_cast<const float*>(w.m2.data());
+    const double inv_lanes = 1.0 / static_cast<double>(lanes_per_channel);
+    for (int64_t i = 0, c = 0; i < P; ++i, c = (c + 1 == g.C) ? 0 : c + 1)
+      cmean[c] += (static_cast<double>(shift[i]) + lmean[i]) * inv_lanes;
+    for (int64_t i = 0, c = 0; i < P; ++i, c = (c + 1 == g.C) ? 0 : c + 1) {
+      const double d = static_cast<double>(shift[i]) + lmean[i] - cmean[c];
+      cm2[c] += lm2[i] + static_cast<double>(nper) * d * d;
+    }
   }
-  if (i < m) {  // zero lanes past the end add nothing
-    const vfloat v = vload_partial(xc + i, m - i);
-    if constexpr (!kF32) vstoreu(buf + i, v);
-    vstoreu(acc + off, vloadu(acc + off) + v);
+  // A last partial period (fewer than P / C rows): per channel two-pass, then Chan.
+  const int64_t rows0 = nper * P / g.C, nrest = nr - rows0;
+  if (nrest > 0) {
+    const double na = static_cast<double>(rows0), nb = static_cast<double>(nrest), n = na + nb;
+    for (int64_t c = 0; c < g.C; ++c) {
+      double sum = 0.0;
+      for (int64_t r = rows0; r < nr; ++r) sum += to_float(xc[r * g.C + c]);
+      const double mean = sum / nb;
+      double m2 = 0.0;
+      for (int64_t r = rows0; r < nr; ++r) {
+        const double d = to_float(xc[r * g.C + c]) - mean;
+        m2 += d * d;
+      }
+      const double d = mean - cmean[c];
+      cmean[c] += d * (nb / n);
+      cm2[c] += m2 + d * d * (na * nb / n);
+    }
   }
-  // Group means of this chunk, expanded to the P-periodic channel pattern.
-  const int64_t count = nr * g.Cg;
-  fold_periods(g, acc);
-  for (int64_t grp = 0; grp < g.G; ++grp)
-    out[grp].mean = static_cast<float>(group_sum(g, acc, grp) / static_cast<double>(count));
-  float* mrep = w.mrep.data();
-  for (int64_t grp = 0; grp < g.G; ++grp)
-    std::fill(mrep + grp * g.Cg, mrep + (grp + 1) * g.Cg, out[grp].mean);
-  for (int64_t j = g.C; j < P; j += g.C) std::copy(mrep, mrep + g.C, mrep + j);
-
-  const float* src;
-  if constexpr (kF32) src = xc; else src = buf;
-  std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  i = 0;
-  off = 0;
-  for (; i + kVec <= m; i += kVec) {
-    const vfloat d = vloadu(src + i) - vloadu(mrep + off);
-    vstoreu(acc + off, vfma(d, d, vloadu(acc + off)));
-    off += kVec;
-    if (off == P) off = 0;
-  }
-  for (int64_t j = 0; i + j < m; ++j) {
-    const float d = src[i + j] - mrep[off + j];
-    acc[off + j] += d * d;
-  }
-  fold_periods(g, acc);
+  // channels -> groups: equal counts (nr rows each) again
+  const double inv_cg = 1.0 / static_cast<double>(g.Cg);
   for (int64_t grp = 0; grp < g.G; ++grp) {
-    out[grp].count = count;
-    out[grp].m2 = static_cast<float>(group_sum(g, acc, grp));
+    const int64_t c0 = grp * g.Cg, c1 = c0 + g.Cg;
+    double mean = 0.0, m2 = 0.0;
+    for (int64_t c = c0; c < c1; ++c) mean += cmean[c];
+    mean *= inv_cg;
+    for (int64_t c = c0; c < c1; ++c) {
+      const double d = cmean[c] - mean;
+      m2 += cm2[c] + static_cast<double>(nr) * d * d;
+    }
+    out[grp] = ChunkStat{nr * g.Cg, static_cast<float>(mean), static_cast<float>(m2)};
   }
 }
 
