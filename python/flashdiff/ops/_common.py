@@ -14,8 +14,8 @@ def ptr(t) -> int:
 def f32(t):
     """Small parameter tensors (weight, bias, scale, shift, coefficients) go to kernels as
     contiguous fp32: at most N·C floats, so the cast is cheap and kernels stay one-typed."""
-    if t is None:
-        return None
+    if t is None or (t.dtype is torch.float32 and t.is_contiguous()):  # 0.15 µs; .to().contiguous() 0.85
+        return t
     return t.to(torch.float32).contiguous()
 
 
