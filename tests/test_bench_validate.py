@@ -177,7 +177,9 @@ def test_presets_cover_the_models_at_batch_1_and_8():
     assert {s.D for s in presets.get("sd15").attention(1)} == {40, 80, 160}
     assert any(s.Skv == 77 for s in presets.get("sdxl").attention(8))
     cpu = presets.get("cpu")
-    assert [s.shape for s in cpu.group_norm(1)] == [(2, 320, 64, 64), (1, 640, 32, 32), (2, 1280, 16, 16)]
+    assert [(s.shape, s.channels_last) for s in cpu.group_norm(1)] == [
+        ((2, 320, 64, 64), False), ((1, 640, 32, 32), False), ((2, 1280, 16, 16), False),
+        ((2, 320, 64, 64), True)]
     assert [s.shape for s in cpu.scheduler(1)] == [(2, 4, 64, 64), (8, 4, 128, 128)]
     with pytest.raises(ValueError, match="preset must be one of"):
         presets.get("sd3")

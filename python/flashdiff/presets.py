@@ -60,9 +60,11 @@ class NormShape:
     activation: Optional[str] = "silu"
     modulate: bool = False
     label: str = ""
+    channels_last: bool = False  # x stored [N, *spatial, C] (what channels_last convnets hand over)
 
     def __str__(self) -> str:
-        return f"{list(self.shape)} G{self.groups}" + (" +scale/shift" if self.modulate else "")
+        return (f"{list(self.shape)} G{self.groups}" + (" +scale/shift" if self.modulate else "")
+                + (" channels_last" if self.channels_last else ""))
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,8 @@ _add(Preset(
     _attention=lambda b: _cpu_attention(b),
     _group_norm=lambda b: [NormShape((2, 320, 64, 64), label="sd15 320@64² b2"),
                            NormShape((1, 640, 32, 32), label="sd15 640@32² b1"),
-                           NormShape((2, 1280, 16, 16), label="sd15 1280@16² b2")],
+                           NormShape((2, 1280, 16, 16), label="sd15 1280@16² b2"),
+                           NormShape((2, 320, 64, 64), label="sd15 320@64² b2 NHWC", channels_last=True)],
     _scheduler=lambda b: [StepShape((2, 4, 64, 64), "ddim", True, "sd15 latents b2"),
                           StepShape((8, 4, 128, 128), "ddim", True, "sdxl latents b8")],
     # DiT-S/2 takes seconds per step on 2 cores: the CPU samples the digit models (8×8×1),

@@ -90,6 +90,8 @@ def group_norm_cases(preset: str, batch: int, s: P.NormShape, dtype: torch.dtype
     def setup():
         g = torch.Generator(device=device).manual_seed(0)
         x = (torch.randn(s.shape, device=device, generator=g) * 2 + 0.5).to(dtype)
+        if s.channels_last:  # any spatial rank: [N, *spatial, C] storage, NC* view
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
         w = torch.randn(C, device=device, generator=g).to(dtype)
         b = torch.randn(C, device=device, generator=g).to(dtype)
         sc = (0.5 * torch.randn(N, C, device=device, generator=g)).to(dtype) if s.modulate else None
