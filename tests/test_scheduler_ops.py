@@ -102,6 +102,26 @@ def test_generic_update_every_flag(device_backend, shape, flags, clip):
 
 
 @pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("return_x0", [False, True])
+@pytest.mark.parametrize("where", ["sample", "model_output"])
+def test_inf_inputs_match_the_reference(device_backend, return_x0, where):
+    """An inf in x or m meets inf - inf in the update (NaN in the reference), whichever form
+    a backend computes it in: the CPU's folded form (no clip, no x0 output) must agree."""
+    device, backend = device_backend
+    require_backend(device, backend)
+    x, m, u, *_ = _tensors(torch.float32, device, (17,))
+    (x if where == "sample" else m)[3] = float("inf")
+    (x if where == "sample" else m)[9] = float("-inf")
+    coefs = flashdiff.ddim_coefs(0.5, 0.7, guidance_scale=3.0)
+    with poisoned_outputs():
+        out = flashdiff.scheduler_update(x, m, coefs, u, return_x0=return_x0, backend=backend)
+    prev = out[0] if return_x0 else out
+    ref = reference.scheduler_update(x, m, coefs, u, upcast=True)[0]
+    ref_d = reference.scheduler_update(x, m, coefs, u, upcast=False)[0]
+    assert_close(prev, ref, ref_d, f"{backend} inf in {where}, return_x0={return_x0}")
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
 def test_nan_propagates_through_clip(device_backend):
     device, backend = device_backend
     require_backend(device, backend)

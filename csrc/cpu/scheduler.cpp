@@ -85,15 +85,22 @@ void scheduler_range(const SchedulerUpdateParams& p, int64_t lo, int64_t hi) {
       const vfloat u = load(us);
       m = vfma(guidance, m - u, u);
     }
-    vfloat prev, x0;
-    if constexpr (kFolded) {
-      prev = vfma(fm, m, fx * x);
-    } else {
+    vfloat x0;
+    auto unfolded = [&]() __attribute__((always_inline)) {
       x0 = vfma(ax, x, am * m);
       x0 = vselect(x0 < neg_clip, neg_clip, x0);  // comparisons with NaN are false: NaN kept
       x0 = vselect(x0 > clip, clip, x0);
       const vfloat eps = vfma(ex, x, vfma(em, m, e0 * x0));
-      prev = vfma(px, x, vfma(p0, x0, pe * eps));
+      return vfma(px, x, vfma(p0, x0, pe * eps));
+    };
+    vfloat prev;
+    if constexpr (kFolded) {
+      prev = vfma(fm, m, fx * x);
+      // An inf in x or m: the unfolded chain meets inf - inf (NaN, as the reference) where
+      // the folded sum would give +-inf; such vectors are redone the long way.
+      if (__builtin_expect(!all_finite(prev), 0)) prev = unfolded();
+    } else {
+      prev = unfolded();
     }
     if constexpr (kHasNoise) prev = vfma(pn, load(ns), prev);
     if constexpr (kHasPrevX0) prev = vfma(pd, load(ds), prev);

@@ -120,6 +120,18 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
 // Lane-wise select: mask lanes are all-ones (true) or zero, as vector comparisons produce.
 inline vfloat vselect(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
 
+// Whether no lane is inf or NaN.
+inline bool all_finite(vfloat v) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  return _mm512_fpclass_ps_mask((__m512)v, 0x99) == 0;  // QNaN | +inf | -inf | SNaN
+#else
+  const vfloat z = v * 0.0f;  // 0 for finite lanes, NaN for inf and NaN
+  for (int i = 0; i < kVec; ++i)
+    if (z[i] != 0.0f) return false;
+  return true;
+#endif
+}
+
 // Horizontal sum (pairwise tree; called once per chunk, not in inner loops).
 inline float vsum(vfloat v) {
   float s[kVec];
@@ -336,9 +348,13 @@ inline void vexp2_batch(const vfloat (&t)[K], vfloat (&out)[K]) {
 #pragma GCC unroll 8
   for (int j = 0; j < K; ++j) out[j] = (vfloat)_mm512_maskz_scalef_ps(0xffff, (__m512)out[j], (__m512)t[j]);
 #else
-  // Portable: exp(t ln 2), clamped so the result stays a normal float (NaN propagates).
-  for (int j = 0; j < K; ++j)
-    out[j] = vexp_in_range<kFast>(vclamp(t[j] * 0.693147180559945309f, kExpLo, kExpHi));
+  // Portable: exp(t ln 2) on the clamped argument, then saturated as vscalefps does (0 below
+  // the range, inf above; NaN propagates), so silu(-inf) = NaN and silu(-1e38) = -0 here too.
+  for (int j = 0; j < K; ++j) {
+    const vfloat arg = t[j] * 0.693147180559945309f;
+    const vfloat e = vexp_in_range<kFast>(vclamp(arg, kExpLo, kExpHi));
+    out[j] = vselect(arg > kExpHi, vset1(INFINITY), vselect(arg < kExpLo, vset1(0.0f), e));
+  }
 #endif
 }
 
@@ -346,7 +362,7 @@ inline void vexp2_batch(const vfloat (&t)[K], vfloat (&out)[K]) {
 // 2^-24, included) |silu - exact| <= 1.3e-6 on [-100, 100], ~1-2 ulp of the result where it
 // is not tiny; kFast (16-bit outputs) <= 1.7e-5, a sixtieth of a bf16 ulp. Special values as
 // torch: NaN -> NaN, inf -> inf, -inf -> NaN (-inf / inf), silu(v < -88) = -0 (exact:
-// ~-1e-36 |v|). Portable targets clamp the exponent, so -inf gives -inf there.
+// ~-1e-36 |v|).
 template <bool kFast, int K>
 inline void vsilu_batch(vfloat (&v)[K]) {
   vfloat t[K], e[K];
