@@ -1,4 +1,6 @@
 """group_norm on every backend against flashdiff.reference (DESIGN.md tolerance rule)."""
+import math
+
 import pytest
 import torch
 
@@ -110,24 +112,31 @@ def test_activation_special_values_match_torch(device_backend, dtype, activation
     assert (y == y[:, :, :1]).logical_or(y.isnan()).all()  # every position of a channel alike
 
 
-@pytest.mark.parametrize("shape, num_groups, layout", [
-    pytest.param((2, 48, 3000, 1), 1, "channels_last", id="cl-several-chunks"),
-    pytest.param((1, 1000, 300, 1), 1, "channels_last", id="cl-C1000"),
+LARGE_MEAN_CASES = [
     pytest.param((2, 17, 7), 1, "contiguous", id="nchw-block-under-128"),
     pytest.param((1, 4, 1500), 1, "contiguous", id="nchw-two-chunks"),
-])
-def test_cpu_statistics_of_a_large_mean_across_chunks(shape, num_groups, layout):
-    """1e4 + N(0, 1) with the fixed seeds that failed the rule when chunk means were rounded
-    to fp32 before merging, or a short block was summed unshifted in fp32."""
-    require_backend("cpu", "cpu")
+    pytest.param((2, 48, 3000, 1), 1, "channels_last", id="cl-several-chunks"),
+    pytest.param((1, 1000, 300, 1), 1, "channels_last", id="cl-C1000"),
+]
+
+
+@pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape, num_groups, layout", LARGE_MEAN_CASES)
+def test_statistics_of_a_large_mean_across_chunks(device_backend, shape, num_groups, layout):
+    """1e4 + N(0, 1) with fixed seeds that failed the rule when chunk means were rounded to
+    fp32 before merging or tiles were summed unshifted in fp32 (CPU and Triton both did)."""
+    device, backend = device_backend
+    require_backend(device, backend)
+    if backend == "triton" and device == "cpu" and math.prod(shape) > 20000:
+        pytest.skip("large for the Triton interpreter; the two small cases cover its chunks")
     for seed in (4, 100, 101, 105):
         torch.manual_seed(seed)
         x = torch.randn(shape) + 1e4
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-        y = flashdiff.group_norm(x, num_groups, backend="cpu")
+        y = flashdiff.group_norm(x.to(device), num_groups, backend=backend)
         ref = reference.group_norm(x, num_groups, upcast=True)
-        assert_close(y, ref, reference.group_norm(x, num_groups, upcast=False), f"seed {seed}")
+        assert_close(y.cpu(), ref, reference.group_norm(x, num_groups, upcast=False), f"{backend} seed {seed}")
 
 
 @pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)

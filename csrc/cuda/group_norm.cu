@@ -6,10 +6,14 @@
 // Three launches on the caller's stream:
 //   1. stats:    each block reduces one chunk of one (n, g) group to a (count, mean, M2)
 //                partial: per-thread Welford over 16-byte vectors, Chan merges across the
-//                block. Groups are split in many chunks so batch 1 fills the GPU.
-//                Reads x once (N·C·S elements).
-//   2. finalize: one warp per (n, g) merges its partials (Chan), writes mean/rstd if asked,
-//                and folds weight, bias, scale, shift into per-(n, c) fp32 triples (M, A, B).
+//                block. Groups are split in many chunks so batch 1 fills the GPU. Values are
+//                shifted by K, the group's first element, so that the running means are of
+//                the size of the spread, not of |mean| (fp32 running means of 1e4 + N(0, 1)
+//                drift by ulps of 1e4 per merge; the CPU and Triton paths failed the
+//                tolerance rule that way). Reads x once (N·C·S elements).
+//   2. finalize: one warp per (n, g) merges its partials (Chan), adds K back, writes
+//                mean/rstd if asked, and folds weight, bias, scale, shift into per-(n, c) fp32
+//                triples (M, A, B).
 //   3. apply:    y = act((x − M[n,c])·A[n,c] + B[n,c]), 16-byte loads and stores.
 //                Reads x again, writes y: 2·N·C·S elements.
 // Total traffic ≈ 3 passes over x (2 reads + 1 write); the roofline is 3·bytes(x)/HBM bandwidth
@@ -81,6 +85,12 @@ struct DivModTracker {
 // A group (n, g) seen as a [rows, width] array with row stride ld:
 //   NCHW:          rows 1, width Cg·S (contiguous)      channels_last: rows S, width Cg, ld C
 // Block (blockIdx.x = n·G + g, blockIdx.y = chunk) reduces vectors [chunk·chunk_v, …) of it.
+template <typename T, bool CHANNELS_LAST>
+__device__ __forceinline__ const T* group_base(const T* x, int64_t n, int64_t g, int64_t C, int64_t S,
+                                               int64_t Cg) {
+  return CHANNELS_LAST ? x + n * S * C + g * Cg : x + (n * C + g * Cg) * S;
+}
+
 template <typename T, int VEC, bool CHANNELS_LAST>
 __global__ void __launch_bounds__(kStatThreads)
 group_norm_stats_kernel(const T* __restrict__ x, Welford* __restrict__ partials, int64_t C, int64_t S, int64_t G,
@@ -90,7 +100,8 @@ group_norm_stats_kernel(const T* __restrict__ x, Welford* __restrict__ partials,
   const int64_t Cg = C / G;
   const int64_t width_v = CHANNELS_LAST ? Cg / VEC : Cg * S / VEC;  // vectors per row
   const int64_t total_v = CHANNELS_LAST ? S * width_v : width_v;
-  const T* base = CHANNELS_LAST ? x + n * S * C + g * Cg : x + (n * C + g * Cg) * S;
+  const T* base = group_base<T, CHANNELS_LAST>(x, n, g, C, S, Cg);
+  const float shift = to_float(base[0]);  // K: every chunk of the group uses the same one
 
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * chunk_v;
   const int64_t end = min(begin + chunk_v, total_v);
@@ -103,6 +114,8 @@ group_norm_stats_kernel(const T* __restrict__ x, Welford* __restrict__ partials,
       const T* p = CHANNELS_LAST ? base + pos.q * C + pos.r * VEC : base + v * VEC;
       float e[VEC];
       load_vec<T, VEC>(e, p);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) e[j] -= shift;
       // exact two-pass statistics of the VEC values, then one Chan merge
       float m = 0.f;
 #pragma unroll
@@ -129,6 +142,7 @@ group_norm_stats_kernel(const T* __restrict__ x, Welford* __restrict__ partials,
 
 // ------------------------------------------------------------------ pass 2: finalize + fold
 // One warp per (n, g). fold = [M | A | B], each [N·C] (padded to a multiple of 8 floats).
+template <typename T, bool CHANNELS_LAST>
 __global__ void __launch_bounds__(kFinalizeWarps * 32)
 group_norm_finalize_kernel(const Welford* __restrict__ partials, int64_t chunks, GroupNormParams p,
                            float* __restrict__ fold, int64_t fold_stride) {
@@ -139,10 +153,11 @@ group_norm_finalize_kernel(const Welford* __restrict__ partials, int64_t chunks,
   for (int64_t i = lane; i < chunks; i += 32) acc = merge(acc, partials[ng * chunks + i]);
   acc = warp_merge(acc);
   // lanes merged in different orders: take lane 0's total so every channel sees one mean
-  const float mean = __shfl_sync(0xffffffffu, acc.mean, 0);
+  const int64_t n = ng / p.G, g = ng - n * p.G;
+  const float shift = to_float(*group_base<T, CHANNELS_LAST>(static_cast<const T*>(p.x), n, g, p.C, p.S, p.C / p.G));
+  const float mean = shift + __shfl_sync(0xffffffffu, acc.mean, 0);
   const float var = fmaxf(__shfl_sync(0xffffffffu, acc.m2, 0) / __shfl_sync(0xffffffffu, acc.n, 0), 0.f);  // biased
   const float rstd = rsqrtf(var + p.eps);
-  const int64_t n = ng / p.G, g = ng - n * p.G;
   if (lane == 0) {
     if (p.mean_out) p.mean_out[ng] = mean;
     if (p.rstd_out) p.rstd_out[ng] = rstd;
@@ -244,8 +259,9 @@ void run(const GroupNormParams& p, cudaStream_t stream) {
           static_cast<const T*>(p.x), partials, C, S, G, chunk_v);
   FD_CHECK_LAUNCH("group_norm_stats_kernel");
 
-  group_norm_finalize_kernel<<<static_cast<unsigned>(ceil_div(N * G, kFinalizeWarps)), kFinalizeWarps * 32, 0,
-                               stream>>>(partials, chunks, p, fold, fold_stride);
+  group_norm_finalize_kernel<T, CHANNELS_LAST>
+      <<<static_cast<unsigned>(ceil_div(N * G, kFinalizeWarps)), kFinalizeWarps * 32, 0, stream>>>(
+          partials, chunks, p, fold, fold_stride);
   FD_CHECK_LAUNCH("group_norm_finalize_kernel");
 
   const int64_t per_sample_v = C * S / APPLY_VEC;
