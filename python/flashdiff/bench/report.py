@@ -68,6 +68,8 @@ def format_tables(result: Dict[str, Any]) -> str:
                 notes.append(f"{r['time_vs_copy']:.2f}× copy time")
             if r.get("check") == "MISMATCH":
                 notes.append(f"MISMATCH rel err {r['check_rel_error']:.2e}")
+            if (r.get("output_buffers") or 1) > 1:
+                notes.append(f"output alternated {r['output_buffers']} blocks")
             lines.append(f"{case[:34]:34s} {dtype:5s} {r['backend']:20s} {timing:>26s} "
                          f"{r['value']:9.4g} {frac_s:>6s} {sp_s:>24s}  {'; '.join(notes)}")
     if not meta.get("compile"):

@@ -37,6 +37,10 @@ class Timing:
     q20_ms: float
     q80_ms: float
     reps: int
+    # Distinct data pointers of the tensor the timed calls returned (CPU loop only; None
+    # otherwise). 2 means the allocator alternated two output blocks: a larger cache
+    # footprint, and on a CPU a slower mode of the same code (see steady_host_allocator).
+    output_buffers: Optional[int] = None
 
 
 def _sync(device: str) -> None:
@@ -65,14 +69,19 @@ def _loop_timing(fn: Callable, device: str, warmup_s: float, budget_s: float, mi
         fn()
         _sync(device)
     times: List[float] = []
+    buffers = set()
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
+        if isinstance(out, torch.Tensor) and device == "cpu":
+            buffers.add(out.data_ptr())
+        del out  # freed before the next call, as when the result is not kept
     times.sort()
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times),
+                  len(buffers) or None)
 
 
 def measure(fn: Callable, device: str, quick: bool = False, *, reps: Optional[int] = None) -> Timing:
