@@ -33,9 +33,18 @@ def _qkv(B, H, Sq, Skv, D, dtype, device, layout="contiguous"):
     return q, k, v
 
 
+def _cuda_declines(backend, dtype):
+    """The CUDA kernels take fp16/bf16 only (an fp32 call is refused with the reason, checked here)."""
+    return backend == "cuda" and dtype == torch.float32
+
+
 def _check(device_backend, dtype, q, k, v, mask=None, label=""):
     device, backend = device_backend
     require_backend(device, backend)
+    if _cuda_declines(backend, dtype):
+        with pytest.raises(NotImplementedError, match="dtype torch.float32 is not supported"):
+            flashdiff.attention(q, k, v, attn_mask=mask, backend=backend)
+        return
     with poisoned_outputs():
         o = flashdiff.attention(q, k, v, attn_mask=mask, backend=backend)
     ref = reference.attention(q, k, v, mask, upcast=True)
@@ -69,6 +78,8 @@ def test_key_padding_mask(device_backend, dtype):
     mask = torch.zeros(B, 1, 1, Skv, dtype=torch.bool, device=q.device)
     mask[0, ..., :20] = True
     _check(device_backend, dtype, q, k, v, mask, "key-padding")
+    if _cuda_declines(device_backend[1], dtype):
+        return
     o = flashdiff.attention(q, k, v, attn_mask=mask, backend=device_backend[1])
     assert torch.all(o[1] == 0)
 
@@ -78,7 +89,8 @@ def test_key_padding_mask(device_backend, dtype):
 def test_general_masks(device_backend, mask_kind):
     """Masks the fused kernels do not take natively: served by torch, or refused with a reason."""
     device, backend = device_backend
-    q, k, v = _qkv(1, 2, 12, 20, 32, torch.float32, device)
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32  # what the CUDA kernels take
+    q, k, v = _qkv(1, 2, 12, 20, 32, dtype, device)
     if mask_kind == "additive-float":
         mask = torch.randn(1, 1, 12, 20, device=device)
     else:
@@ -88,7 +100,7 @@ def test_general_masks(device_backend, mask_kind):
         with pytest.raises(NotImplementedError, match="key-padding"):
             flashdiff.attention(q, k, v, attn_mask=mask, backend=backend)
         backend = None  # auto must still serve it
-    _check((device, backend), torch.float32, q, k, v, mask, mask_kind)
+    _check((device, backend), dtype, q, k, v, mask, mask_kind)
 
 
 @pytest.mark.parametrize("device_backend", DEVICE_BACKENDS)
@@ -97,6 +109,9 @@ def test_backward(device_backend, dtype):
     device, backend = device_backend
     require_backend(device, backend)
     q, k, v = _qkv(1, 2, 23, 29, 40, dtype, device)
+    if _cuda_declines(backend, dtype):
+        _check(device_backend, dtype, q, k, v)
+        return
     mask = torch.ones(1, 1, 1, 29, dtype=torch.bool, device=device)
     mask[..., -5:] = False
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
@@ -146,9 +161,10 @@ def test_head_dim_over_maximum_falls_back_or_refuses():
     q = torch.randn(1, 1, 4, 320)
     require_backend("cpu", "cpu")
     assert flashdiff.attention(q, q, q).shape == q.shape  # auto: torch serves it
-    if flashdiff.backend_status()["triton"] is None:
+    if flashdiff.backend_status()["triton"] is None:  # CUDA tensors, or the interpreter's CPU ones
+        qt = q.cuda() if torch.cuda.is_available() else q
         with pytest.raises(NotImplementedError, match="head_dim 320 is outside"):
-            flashdiff.attention(q, q, q, backend="triton")
+            flashdiff.attention(qt, qt, qt, backend="triton")
 
 
 def test_empty_inputs():
