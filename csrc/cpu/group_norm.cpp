@@ -183,6 +183,26 @@ ChunkStat two_pass_stats(const T* x, int64_t n) {
 // (DESIGN.md). Per vector: 2 subtracts, 1 add, 1 FMA (+ 5 ops per block of 8 vectors),
 // against two passes and an fp32 staging copy of 16-bit data before.
 constexpr int kStatVecs = 8;
+
+// Merges one block of kStatVecs shifted vectors into per-lane running (mean, m2) that have
+// seen nb blocks: the block's exact mean and squared deviations in registers, then Chan with
+// counts 8 nb (running) and 8 (block): mean += d / (nb + 1), m2 += q + d^2 8 nb / (nb + 1).
+// (A running sum instead of the mean measured 6% slower and no more exact after the shift.)
+inline void merge_block(const vfloat (&v)[kStatVecs], int64_t nb, vfloat& mean, vfloat& m2) {
+  const vfloat bmean = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) *
+                       (1.0f / kStatVecs);
+  vfloat q0 = vset1(0.f), q1 = vset1(0.f);  // two chains: FMA latency
+  for (int u = 0; u < kStatVecs; u += 2) {
+    const vfloat d0 = v[u] - bmean, d1 = v[u + 1] - bmean;
+    q0 = vfma(d0, d0, q0);
+    q1 = vfma(d1, d1, q1);
+  }
+  const float w = 1.0f / static_cast<float>(nb + 1);
+  const vfloat d = bmean - mean;
+  mean = vfma(d, vset1(w), mean);
+  m2 = vfma(d * vset1(static_cast<float>(kStatVecs * nb) * w), d, m2 + (q0 + q1));
+}
+
 template <typename T>
 ChunkStat contiguous_stats(const T* x, int64_t n) {
   constexpr int64_t kBlock = kStatVecs * kVec;
@@ -199,21 +219,7 @@ ChunkStat contiguous_stats(const T* x, int64_t n) {
     const T* xb = x + nb * kBlock;
     vfloat v[kStatVecs];
     for (int u = 0; u < kStatVecs; ++u) v[u] = vload(xb + u * kVec) - vshift;
-    const vfloat bmean = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) *
-                         (1.0f / kStatVecs);
-    vfloat q0 = vset1(0.f), q1 = vset1(0.f);  // two chains: FMA latency
-    for (int u = 0; u < kStatVecs; u += 2) {
-      const vfloat d0 = v[u] - bmean, d1 = v[u + 1] - bmean;
-      q0 = vfma(d0, d0, q0);
-      q1 = vfma(d1, d1, q1);
-    }
-    // Chan: counts na = nb * 8 (running) and 8 (block): mean += d / (nb + 1),
-    // m2 += q + d^2 * 8 nb / (nb + 1). (A running sum instead of the mean measured 6% slower
-    // and no more exact after the shift.)
-    const float w = 1.0f / static_cast<float>(nb + 1);
-    const vfloat d = bmean - mean;
-    mean = vfma(d, vset1(w), mean);
-    m2 = vfma(d * vset1(static_cast<float>(kStatVecs * nb) * w), d, m2 + (q0 + q1));
+    merge_block(v, nb, mean, m2);
   }
   ChunkStat st{0, 0.0, 0.0};
   if (nb > 0) {  // merge the lanes: equal counts, so the mean is the lane average
@@ -516,7 +522,7 @@ struct ClScratch {
 // Statistics of chunk k (rows [k R, k R + nr)) of one sample, per group: out[0..G), in one
 // pass over x. The chunk is a run of periods (P elements, P / C rows); vector slot j of every
 // period holds the same 16 channels, so each slot-lane sees one channel. Per slot, blocks of
-// up to 8 periods are reduced as contiguous_stats reduces 8 vectors (values shifted by the
+// up to 8 periods are reduced by merge_block, as contiguous_stats reduces 8 vectors (values shifted by the
 // slot's first-block mean; block mean and squared deviations in registers; Chan merge into the
 // slot's running lanes, all lanes with the same counts so the weights are scalars), reading an
 // 8P-element window that stays in L1/L2. Lanes then merge into channels and channels into
@@ -547,23 +553,10 @@ void cl_chunk_stats(const ClGeometry& g, const T* xs, int64_t k, ClScratch& w, C
     for (int64_t p0 = 0; p0 < nper; p0 += kStatVecs) {
       const T* xb = xc + p0 * P;
       if (p0 + kStatVecs <= nper) {
-        // Chan with counts n_a = p0 (running) and 8 (block), per lane
-        const float wt = static_cast<float>(kStatVecs) / static_cast<float>(p0 + kStatVecs);
-        const vfloat vwt = vset1(wt), vwd = vset1(static_cast<float>(p0) * wt);
         for (int64_t j = 0; j < nslots; ++j) {
           vfloat v[kStatVecs];
           for (int u = 0; u < kStatVecs; ++u) v[u] = vload(xb + u * P + j * kVec) - w.shift[j];
-          const vfloat bmean =
-              (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) * (1.0f / kStatVecs);
-          vfloat q0 = vset1(0.f), q1 = vset1(0.f);  // two chains: FMA latency
-          for (int u = 0; u < kStatVecs; u += 2) {
-            const vfloat d0 = v[u] - bmean, d1 = v[u + 1] - bmean;
-            q0 = vfma(d0, d0, q0);
-            q1 = vfma(d1, d1, q1);
-          }
-          const vfloat d = bmean - w.mean[j];
-          w.mean[j] = vfma(d, vwt, w.mean[j]);
-          w.m2[j] = vfma(d * vwd, d, w.m2[j] + (q0 + q1));
+          merge_block(v, p0 / kStatVecs, w.mean[j], w.m2[j]);
         }
       } else {  // the last t < 8 periods: the same with t values per lane
         const int64_t t = nper - p0;
