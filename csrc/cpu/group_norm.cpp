@@ -522,7 +522,7 @@ struct ClScratch {
 // Statistics of chunk k (rows [k R, k R + nr)) of one sample, per group: out[0..G), in one
 // pass over x. The chunk is a run of periods (P elements, P / C rows); vector slot j of every
 // period holds the same 16 channels, so each slot-lane sees one channel. Per slot, blocks of
-// up to 8 periods are reduced by merge_block, as contiguous_stats reduces 8 vectors (values shifted by the
+// up to 8 periods are reduced like contiguous_stats' blocks (merge_block: values shifted by the
 // slot's first-block mean; block mean and squared deviations in registers; Chan merge into the
 // slot's running lanes, all lanes with the same counts so the weights are scalars), reading an
 // 8P-element window that stays in L1/L2. Lanes then merge into channels and channels into
