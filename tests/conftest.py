@@ -21,11 +21,11 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 def _device_backends():
     """(device, backend) pairs to test here; each backend on the device it serves."""
-    pairs = [("cpu", "reference"), ("cpu", "cpu")]
+    pairs = [("cpu", "reference"), ("cpu", "torch"), ("cpu", "cpu")]
     if _ext.load_triton()[0] is not None and not torch.cuda.is_available():
         pairs.append(("cpu", "triton"))  # interpreter
     if torch.cuda.is_available():
-        pairs += [("cuda", "reference"), ("cuda", "triton"), ("cuda", "cuda")]
+        pairs += [("cuda", "reference"), ("cuda", "torch"), ("cuda", "triton"), ("cuda", "cuda")]
     return pairs
 
 

@@ -83,6 +83,9 @@ def test_statistics_are_stable(device_backend, layout):
     """A large mean over a small spread: E[x²] − E[x]² in fp32 would lose every digit."""
     device, backend = device_backend
     require_backend(device, backend)
+    if backend == "torch":
+        pytest.skip("the torch backend is torch's own group norm: its CPU channels_last kernel loses "
+                    "every digit here (E[x²]−E[x]²), which is why flashdiff's kernels exist")
     x = 1e4 + torch.randn(2, 8, 16, 16, device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -99,6 +102,9 @@ def test_activation_special_values_match_torch(device_backend, dtype, activation
     exactly: inf, -inf (torch: NaN), NaN, ±0, overflow range of exp(-v) and tiny values."""
     device, backend = device_backend
     require_backend(device, backend)
+    if backend == "torch" and dtype == torch.float16:
+        pytest.skip("torch's eager path rounds the pre-activation to fp16 first: a bias of -1e30 "
+                    "becomes -inf and silu(-inf) = NaN; the fused kernels apply the activation in fp32")
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-30, -1e-30, 88.0,
                             -88.0, 90.0, -90.0, 1e30, -1e30, 3.0, -3.0, 0.5], device=device)
     x = torch.randn(1, 16, 40, device=device, dtype=dtype)
@@ -127,8 +133,9 @@ def test_statistics_of_a_large_mean_across_chunks(device_backend, shape, num_gro
     fp32 before merging or tiles were summed unshifted in fp32 (CPU and Triton both did)."""
     device, backend = device_backend
     require_backend(device, backend)
-    if backend == "reference":
-        pytest.skip("the reference backend is torch's fp32 math itself (on an H200 it missed the rule by 1.1-1.2x)")
+    if backend in ("reference", "torch"):
+        pytest.skip("the reference and torch backends are torch's fp32 math itself (on an H200 the "
+                    "reference missed the rule by 1.1-1.2x)")
     if backend == "triton" and device == "cpu" and math.prod(shape) > 20000:
         pytest.skip("large for the Triton interpreter; the two small cases cover its chunks")
     for seed in (4, 100, 101, 105):

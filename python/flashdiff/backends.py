@@ -1,13 +1,15 @@
 """Backend registry and the "auto" choice, with reasons (DESIGN.md decision 3).
 
-Backends: reference (PyTorch), cpu (flashdiff._cpu, C++/OpenMP), triton
+Backends: reference (the PyTorch definition, for tests), torch (torch's own fastest path:
+SDPA, F.group_norm, the eager update expression), cpu (flashdiff._cpu, C++/OpenMP), triton
 (flashdiff.triton_kernels), cuda (flashdiff._cuda). Each op registers, per backend, a
-`supports(**inputs) -> reason or None` and an implementation. `backend=None`/"auto" tries the
-op's preference list for the inputs' device and takes the first backend that supports them;
-an explicit backend that cannot serve the inputs raises NotImplementedError carrying the reason.
+`supports(**inputs) -> reason or None` and an implementation. `backend=None`/"auto" takes the
+fastest backend a dispatch table measured for the inputs' shape class on this GPU
+(flashdiff.dispatch_table), else the documented fallback rule; an explicit backend that
+cannot serve the inputs raises NotImplementedError carrying the reason.
 
     flashdiff.explain("group_norm", x, 32, activation="silu")   # which backend, and why
-    FLASHDIFF_BACKEND=reference python ...                      # force one for every auto call
+    FLASHDIFF_BACKEND=torch python ...                          # force one for every auto call
 """
 from __future__ import annotations
 
@@ -18,22 +20,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _ext
+from . import _ext, dispatch_table
 
 log = logging.getLogger("flashdiff")
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 
-# Auto order per device type. The CUDA order is a first guess until GPU benchmarks in
-# benchmarks/results/ say otherwise; on the CPU, Triton runs only in its (slow) interpreter
-# and is never chosen automatically.
-AUTO_ORDER = {
-    "cpu": ("cpu", "reference"),
-    "cuda": ("triton", "cuda", "reference"),
-}
-AUTO_ORDER_PER_OP = {
-    ("scheduler_update", "cuda"): ("cuda", "triton", "reference"),
-}
+# How auto chooses (DESIGN.md decision 3): on a GPU with a dispatch table (written by
+# `flashdiff tune`, or shipped for the cards we measured), the fastest measured backend of the
+# nearest shape class that supports the inputs; otherwise the documented fallback rule
+# `dispatch_table.FALLBACK_ORDER`, which prefers torch's own path unless a measurement says
+# otherwise. The Triton interpreter (CPU) is never chosen automatically.
 
 _override: Optional[str] = None
 
@@ -48,6 +45,7 @@ def set_override(backend: Optional[str]) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     _override = backend
+    clear_choice_caches()
 
 
 def get_override() -> Optional[str]:
@@ -56,7 +54,7 @@ def get_override() -> Optional[str]:
 
 def backend_status() -> Dict[str, Optional[str]]:
     """{backend: None if usable on this machine, else the reason it is not}."""
-    status: Dict[str, Optional[str]] = {"reference": None}
+    status: Dict[str, Optional[str]] = {"reference": None, "torch": None}
     status["cpu"] = _ext.load_cpu()[1]
     triton_mod, reason = _ext.load_triton()
     if triton_mod is not None and not torch.cuda.is_available() and not _ext.triton_interpreter_active():
@@ -78,7 +76,7 @@ def available_backends() -> List[str]:
 
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why `backend` cannot run on `device` at all, regardless of the op (None = it can)."""
-    if backend == "reference":
+    if backend in ("reference", "torch"):
         return None
     if backend == "cpu":
         if device.type != "cpu":
@@ -99,43 +97,72 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
 
 @dataclass
 class Choice:
-    """The result of dispatch: the backend used and why each one before it was skipped."""
+    """The result of dispatch: the backend used, the implementation (the backend, or
+    "backend:variant" such as "torch:cudnn"), why each backend before it was skipped, and
+    where the choice came from (a dispatch table with the measured ratio, or the rule)."""
     op: str
     backend: str
     skipped: Dict[str, str] = field(default_factory=dict)
+    impl: str = ""
+    source: str = ""
+
+    def __post_init__(self):
+        self.impl = self.impl or self.backend
 
     def __str__(self) -> str:
-        lines = [f"{self.op}: {self.backend}"]
+        head = f"{self.op}: {self.backend}" + (f" ({self.impl})" if self.impl != self.backend else "")
+        lines = [head]
+        if self.source:
+            lines.append(f"  because: {self.source}")
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
 
-class OpDispatch:
-    """Per-op table of backends: supports() says why not, impl() does the work."""
+_CHOICE_CACHE_MAX = 4096
 
-    def __init__(self, name: str):
+
+class OpDispatch:
+    """Per-op table of backends: supports() says why not, impls[name]() does the work.
+    `features(**inputs)` gives the shape class the dispatch table is looked up with."""
+
+    def __init__(self, name: str, features: Optional[Callable[..., dict]] = None):
         self.name = name
+        self.features = features
         self.supports: Dict[str, Callable[..., Optional[str]]] = {}
         self.impls: Dict[str, Callable] = {}
         self._cache: Dict[tuple, Choice] = {}
+        self.on_clear: List[Callable[[], None]] = []  # other memos keyed on choices
 
     def register(self, backend: str, impl: Callable, supports: Callable[..., Optional[str]] = lambda **_: None):
         self.supports[backend] = supports
         self.impls[backend] = impl
+
+    def register_variant(self, backend: str, variant: str, impl: Callable) -> None:
+        """An alternative implementation of `backend` a dispatch table may pick (same
+        supports); explicit `backend=` calls use the plain one."""
+        self.impls[f"{backend}:{variant}"] = impl
 
     def reason(self, backend: str, device: torch.device, inputs: dict) -> Optional[str]:
         if backend not in self.impls:
             return f"{self.name} has no {backend} implementation"
         return _device_reason(backend, device) or self.supports[backend](**inputs)
 
+    def clear(self) -> None:
+        self._cache.clear()
+        for hook in self.on_clear:
+            hook()
+
     def choose(self, backend: Optional[str], device: torch.device, inputs: dict, key=None) -> Choice:
-        """Pick the backend. `key` (a hashable of everything the supports() checks read, e.g.
-        device and dtype) memoizes the choice: the hot path at small sizes is Python overhead."""
+        """Pick the backend. `key` (a hashable of everything supports() and the shape class
+        read, e.g. device, dtype and sizes) memoizes the choice: the hot path at small sizes
+        is Python overhead."""
         if key is None or torch.compiler.is_compiling():
             return self._choose(backend, device, inputs)
         cache_key = (backend, _override, key)
         choice = self._cache.get(cache_key)
         if choice is None:
+            if len(self._cache) >= _CHOICE_CACHE_MAX:
+                self._cache.clear()
             choice = self._cache[cache_key] = self._choose(backend, device, inputs)
         return choice
 
@@ -149,17 +176,58 @@ class OpDispatch:
             if why is not None:
                 raise NotImplementedError(f"flashdiff.{self.name}: backend {backend!r} cannot serve "
                                           f"these inputs: {why}")
-            return Choice(self.name, backend)
-        order = AUTO_ORDER_PER_OP.get((self.name, device.type)) or AUTO_ORDER.get(device.type, ("reference",))
+            return Choice(self.name, backend, source="asked for explicitly")
         skipped: Dict[str, str] = {}
+        measured = self._choose_measured(device, inputs, skipped)
+        if measured is not None:
+            return measured
+        order = dispatch_table.fallback_order(self.name, device.type)
+        why_rule = self._rule_reason(device)
         for name in order:
+            if name in skipped:
+                continue
             why = self.reason(name, device, inputs)
             if why is None:
                 if skipped and not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
                     log.debug("flashdiff.%s fell back to %s: %s", self.name, name, skipped)
-                return Choice(self.name, name, skipped)
+                return Choice(self.name, name, skipped, source=why_rule)
             skipped[name] = why
         raise NotImplementedError(f"flashdiff.{self.name}: no backend can serve these inputs: {skipped}")
+
+    def _choose_measured(self, device, inputs, skipped) -> Optional[Choice]:
+        """The fastest implementation the dispatch table measured for the nearest class."""
+        if device.type != "cuda" or self.features is None:
+            return None
+        table = dispatch_table.table_for(device)
+        if table is None:
+            return None
+        found = table.lookup(self.name, self.features(**inputs))
+        if found is None:
+            return None
+        for impl, _ms in found.ranked():
+            name = impl.split(":")[0]
+            if name in skipped or impl not in self.impls:
+                continue
+            why = self.reason(name, device, inputs)
+            if why is None:
+                return Choice(self.name, name, skipped, impl=impl, source=found.describe(impl))
+            skipped[name] = why
+        return None
+
+    def _rule_reason(self, device: torch.device) -> str:
+        if device.type != "cuda":
+            return f"the {device.type} rule (dispatch_table.FALLBACK_ORDER): no tables for {device.type}"
+        table = dispatch_table.table_for(device)
+        if table is None:
+            return ("no dispatch table for this GPU (run `flashdiff tune`): the fallback rule, "
+                    "which prefers torch unless a measurement says otherwise")
+        return f"table {table.origin} has no class for these inputs: the fallback rule"
+
+
+def clear_choice_caches() -> None:
+    """Forget memoized choices (after a new dispatch table or override)."""
+    for dispatch, _ in REGISTRY.values():
+        dispatch.clear()
 
 
 REGISTRY: Dict[str, Tuple[OpDispatch, Callable]] = {}

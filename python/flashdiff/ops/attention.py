@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _ext, _validate as check, reference
+from .. import _ext, _validate as check, dispatch_table, reference
 from ..backends import OpDispatch, register_op
 from ._common import dtype_code, new_empty, ptr, stream_of, use_custom_op
 
@@ -22,7 +22,11 @@ _torch_sdpa = F.scaled_dot_product_attention
 
 MAX_HEAD_DIM = 256  # largest head-dim bucket of the fused kernels (triton, cuda)
 
-_dispatch = OpDispatch("attention")
+def _features(q, k, v, attn_mask):
+    return dispatch_table.attention_features(q, k, attn_mask)
+
+
+_dispatch = OpDispatch("attention", features=_features)
 
 
 # ------------------------------------------------------------------ validation
@@ -94,7 +98,7 @@ def _resolve(q, k, v, attn_mask=None, scale=None, backend=None):
     _check_args(q, k, v, attn_mask, scale)
     mask_kind = None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape))
     return _dispatch.choose(backend, q.device, {"q": q, "k": k, "v": v, "attn_mask": attn_mask},
-                            key=(q.device, q.dtype, q.shape[0], q.shape[-1], v.shape[-1], mask_kind))
+                            key=(q.device, q.dtype, q.shape, k.shape[2], v.shape[-1], mask_kind))
 
 
 # ------------------------------------------------------------------ backends
@@ -109,14 +113,44 @@ def _reference_fwd(q, k, v, attn_mask, scale):
     return reference.attention(q, k, v, attn_mask, scale, upcast=dt).to(q.dtype), _no_lse(q)
 
 
-def _cpu_fwd(q, k, v, attn_mask, scale):
-    """torch's own CPU SDPA (flash-style on CPU); fully masked rows are zeroed as the spec says."""
-    o = _torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
+def _zero_rows_without_keys(o, attn_mask):
+    """flashdiff's semantics: a query row whose every key is masked out outputs zeros (SDPA
+    gives NaN there on some torch versions and backends). A device-side select, no host read."""
+    if attn_mask is None:
+        return o
+    if attn_mask.dtype == torch.bool:
         row_has_key = attn_mask.any(dim=-1, keepdim=True)
-        if not bool(row_has_key.all()):  # a host read, free on CPU tensors
-            o = o.masked_fill(~row_has_key, 0.0)
-    return o, _no_lse(q)
+    else:  # additive: a row of -inf has no key
+        row_has_key = ~torch.isneginf(attn_mask).all(dim=-1, keepdim=True)
+    return torch.where(row_has_key, o, torch.zeros((), dtype=o.dtype, device=o.device))
+
+
+def _torch_fwd(q, k, v, attn_mask, scale):
+    """torch's own SDPA with torch's backend selection (flash / cuDNN / efficient on GPUs, a
+    flash-style kernel on CPUs). Also the `cpu` backend: on a CPU, torch's SDPA is the fastest
+    attention measured there (benchmarks/results/*-cpu-*)."""
+    return _zero_rows_without_keys(_torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale), attn_mask), _no_lse(q)
+
+
+def _sdpa_variant(sdpa_backend_name: str):
+    """torch's SDPA with one of its kernels tried first (a dispatch table picks it per shape
+    class: torch's own default order is not always the fastest, e.g. cuDNN on Hopper). The
+    rest stay behind it, so inputs the kernel cannot take still run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, n) for n in (sdpa_backend_name, "FLASH_ATTENTION", "CUDNN_ATTENTION",
+                                                 "EFFICIENT_ATTENTION", "MATH") if hasattr(SDPBackend, n)]
+    order = list(dict.fromkeys(order))
+
+    def fwd(q, k, v, attn_mask, scale):
+        with sdpa_kernel(order, set_priority=True):
+            o = _torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+        return _zero_rows_without_keys(o, attn_mask), _no_lse(q)
+
+    return fwd
+
+
+SDPA_VARIANTS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
 
 def _triton_fwd(q, k, v, attn_mask, scale):
@@ -144,7 +178,10 @@ def _cuda_fwd(q, k, v, attn_mask, scale):
 
 
 _dispatch.register("reference", _reference_fwd)
-_dispatch.register("cpu", _cpu_fwd)
+_dispatch.register("torch", _torch_fwd)
+_dispatch.register("cpu", _torch_fwd)
+for _variant, _sdpa_name in SDPA_VARIANTS.items():
+    _dispatch.register_variant("torch", _variant, _sdpa_variant(_sdpa_name))
 _dispatch.register("triton", _triton_fwd, _triton_supports)
 _dispatch.register("cuda", _cuda_fwd, _cuda_supports)
 register_op(_dispatch, _resolve)
@@ -202,7 +239,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
             Boolean key-padding masks ([B, 1, 1, Skv]) run in the fused kernels; other masks
             run on torch. A query with no key to attend outputs zeros.
         scale: defaults to 1/sqrt(D).
-        backend: None/"auto", "reference", "cpu", "triton" or "cuda" (see flashdiff.explain).
+        backend: None/"auto", "reference", "torch", "cpu", "triton" or "cuda" (see
+            flashdiff.explain). Auto takes the backend measured fastest for this shape class
+            on this GPU (flashdiff.dispatch_table), torch's own SDPA included.
     Returns: [B, H, Sq, D] in q's dtype.
     """
     choice = _resolve(q, k, v, attn_mask, scale, backend)
@@ -210,5 +249,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
     if q.numel() == 0 or k.shape[2] == 0:
         return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
     if use_custom_op(q, k, v):
-        return _attention_op(q, k, v, attn_mask, scale, choice.backend)[0]
-    return _dispatch.impls[choice.backend](q, k, v, attn_mask, scale)[0]
+        return _attention_op(q, k, v, attn_mask, scale, choice.impl)[0]
+    return _dispatch.impls[choice.impl](q, k, v, attn_mask, scale)[0]

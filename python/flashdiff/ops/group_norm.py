@@ -13,15 +13,20 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from .. import _ext, _validate as check, reference
+from .. import _ext, _validate as check, dispatch_table, reference
 from ..backends import OpDispatch, register_op
 from ._common import dtype_code, f32, new_empty, ptr, stream_of, use_custom_op
 
 ACTIVATIONS = (None, "silu", "gelu")
 _ACT_CODE = {"none": 0, "silu": 1, "gelu": 2}
 
-_dispatch = OpDispatch("group_norm")
+def _features(x, num_groups, scale, activation):
+    return dispatch_table.group_norm_features(x, num_groups, scale, activation)
+
+
+_dispatch = OpDispatch("group_norm", features=_features)
 
 
 # ------------------------------------------------------------------ validation
@@ -52,7 +57,9 @@ def _kernel_supports(x, **_):
 def _resolve(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None,
              shift=None, backend=None):
     _check_args(x, num_groups, weight, bias, eps, activation, scale, shift)
-    return _dispatch.choose(backend, x.device, {"x": x}, key=(x.device, x.dtype))
+    inputs = {"x": x, "num_groups": num_groups, "scale": scale, "activation": activation}
+    return _dispatch.choose(backend, x.device, inputs,
+                            key=(x.device, x.dtype, x.shape, x.stride(), num_groups, scale is None, activation))
 
 
 # ------------------------------------------------------------------ backends
@@ -99,12 +106,37 @@ def _cuda_fwd(x, *args, stats=True):
         return _compiled_fwd(_ext.load_cuda()[0], x, *args, stream=(stream_of(x),), stats=stats)
 
 
+def _torch_fwd(x, num_groups, weight, bias, eps, activation, scale, shift, stats=True):
+    """What a model without flashdiff runs: F.group_norm, then the modulation and the
+    activation in place (each a pass over y). Output laid out like the kernels' (x's memory
+    format when x is dense, else contiguous)."""
+    xk, _ = _kernel_layout(x)
+    w = None if weight is None else weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    y = reference._like_layout(F.group_norm(xk, num_groups, w, b, eps), xk)  # no copy when it already is
+    if scale is not None or shift is not None:
+        per_sample = x.shape[:2] + (1,) * (x.dim() - 2)
+        if scale is not None:
+            y.mul_(1 + scale.to(y.dtype).reshape(per_sample))
+        if shift is not None:
+            y.add_(shift.to(y.dtype).reshape(per_sample))
+    if activation == "silu":
+        F.silu(y, inplace=True)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    if not stats:
+        return y, None, None
+    mean, rstd = reference.group_norm_stats(xk, num_groups, eps, upcast=torch.float32)
+    return y, mean, rstd
+
+
 def _triton_fwd(x, num_groups, weight, bias, eps, activation, scale, shift, stats=True):
     act = None if activation == "none" else activation
     return _ext.load_triton()[0].group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, act, scale, shift)
 
 
 _dispatch.register("reference", _reference_fwd)
+_dispatch.register("torch", _torch_fwd)
 _dispatch.register("cpu", _cpu_fwd, _kernel_supports)
 _dispatch.register("cuda", _cuda_fwd, _kernel_supports)
 _dispatch.register("triton", _triton_fwd, _kernel_supports)
@@ -176,12 +208,13 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
         num_groups: divides C.
         weight, bias: [C] or None. scale, shift: [N, C] or None (AdaGN / adaLN modulation).
         activation: None, "silu" or "gelu" (exact, erf).
-        backend: None/"auto", "reference", "cpu", "triton" or "cuda" (see flashdiff.explain).
+        backend: None/"auto", "reference", "torch", "cpu", "triton" or "cuda" (see
+            flashdiff.explain). Auto takes the backend measured fastest for this shape class.
     """
     choice = _resolve(x, num_groups, weight, bias, eps, activation, scale, shift, backend)
     if x.numel() == 0:
         return torch.empty_like(x)
     act = activation or "none"
     if use_custom_op(x, weight, bias, scale, shift):
-        return _group_norm_op(x, num_groups, weight, bias, float(eps), act, scale, shift, choice.backend)[0]
-    return _dispatch.impls[choice.backend](x, num_groups, weight, bias, eps, act, scale, shift, stats=False)[0]
+        return _group_norm_op(x, num_groups, weight, bias, float(eps), act, scale, shift, choice.impl)[0]
+    return _dispatch.impls[choice.impl](x, num_groups, weight, bias, eps, act, scale, shift, stats=False)[0]

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .. import _ext, _validate as check, backends as _backends, reference
+from .. import _ext, _validate as check, backends as _backends, dispatch_table, reference
 from ..backends import OpDispatch, register_op
 from .._validate import DTYPE_CODE
 from ._common import new_empty, ptr, stream_of, use_custom_op
@@ -31,7 +31,11 @@ Scalar = Union[float, torch.Tensor]
 NUM_COEFS = len(reference.SCHED_COEF_NAMES)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
-_dispatch = OpDispatch("scheduler_update")
+def _features(sample, model_output_uncond=None):
+    return dispatch_table.scheduler_features(sample, model_output_uncond)
+
+
+_dispatch = OpDispatch("scheduler_update", features=_features)
 
 
 # ------------------------------------------------------------------ coefficient builders
@@ -256,10 +260,11 @@ def _kernel_supports(sample, **_):
     return None
 
 
-# (backend, override, device, dtype) -> the backend chosen for it, recorded by _resolve after
-# a call with that sample device and dtype passed every check. Its presence is what lets
-# _fast_impl skip _check_args and the backend choice.
+# (backend, override, device, dtype, shape, cfg) -> the implementation chosen for it, recorded
+# by _resolve after a call with those passed every check. Its presence is what lets _fast_impl
+# skip _check_args and the backend choice. Cleared with the dispatch choices (new table).
 _CHOSEN: dict = {}
+_dispatch.on_clear.append(_CHOSEN.clear)
 _Tensor = torch.Tensor
 _COEFS_SHAPE = (NUM_COEFS,)
 _is_compiling = torch.compiler.is_compiling  # bound once: the attribute chain costs per call
@@ -268,8 +273,12 @@ _is_compiling = torch.compiler.is_compiling  # bound once: the attribute chain c
 def _resolve(sample, model_output, coefs, model_output_uncond=None, noise=None, prev_x0=None,
              return_x0=False, backend=None):
     _check_args(sample, model_output, coefs, model_output_uncond, noise, prev_x0)
-    choice = _dispatch.choose(backend, sample.device, {"sample": sample}, key=(sample.device, sample.dtype))
-    _CHOSEN[(backend, _backends.get_override(), sample.device, sample.dtype)] = choice.backend
+    cfg = model_output_uncond is not None
+    choice = _dispatch.choose(backend, sample.device, {"sample": sample, "model_output_uncond": model_output_uncond},
+                              key=(sample.device, sample.dtype, sample.shape, cfg))
+    if len(_CHOSEN) >= 4096:
+        _CHOSEN.clear()
+    _CHOSEN[(backend, _backends.get_override(), sample.device, sample.dtype, sample.shape, cfg)] = choice.impl
     return choice
 
 
@@ -284,7 +293,7 @@ def _fast_impl(sample, model_output, coefs, uncond, noise, prev_x0, backend):
         return None
     shape, dtype, device = sample.shape, sample.dtype, sample.device
     # _override read directly: get_override() would add a call to every step
-    chosen = _CHOSEN.get((backend, _backends._override, device, dtype))
+    chosen = _CHOSEN.get((backend, _backends._override, device, dtype, shape, uncond is not None))
     if (chosen is None or _is_compiling() or not sample.is_contiguous() or sample.numel() == 0
             or coefs.dtype is not torch.float32 or coefs.shape != _COEFS_SHAPE
             or coefs.device != device or not coefs.is_contiguous()):
@@ -304,6 +313,13 @@ def _reference_fwd(sample, model_output, coefs, uncond, noise, prev_x0, return_x
     dt = torch.float64 if sample.dtype == torch.float64 else torch.float32
     prev, x0 = reference.scheduler_update(sample, model_output, coefs, uncond, noise, prev_x0, upcast=dt)
     return prev.to(sample.dtype), x0.to(sample.dtype) if return_x0 else None
+
+
+def _torch_fwd(sample, model_output, coefs, uncond, noise, prev_x0, return_x0):
+    """The eager update expression in the data's dtype (what a pipeline without flashdiff
+    runs: ~12 elementwise kernels; the coefficients stay on the device, no host read)."""
+    prev, x0 = reference.scheduler_update(sample, model_output, coefs, uncond, noise, prev_x0, upcast=False)
+    return prev, x0 if return_x0 else None
 
 
 def _normalized(sample, model_output, coefs, uncond, noise, prev_x0):
@@ -348,6 +364,7 @@ def _triton_fwd(sample, model_output, coefs, uncond, noise, prev_x0, return_x0):
 
 
 _dispatch.register("reference", _reference_fwd)
+_dispatch.register("torch", _torch_fwd)
 _dispatch.register("cpu", _cpu_fwd, _kernel_supports)
 _dispatch.register("cuda", _cuda_fwd, _kernel_supports)
 _dispatch.register("triton", _triton_fwd, _kernel_supports)
@@ -387,10 +404,10 @@ def scheduler_update(sample: torch.Tensor, model_output: torch.Tensor, coefs: to
         return (prev, torch.empty_like(sample)) if return_x0 else prev
     if use_custom_op():
         prev, x0 = _scheduler_update_op(sample, model_output, coefs, model_output_uncond, noise,
-                                        prev_x0, return_x0, choice.backend)
+                                        prev_x0, return_x0, choice.impl)
     else:
         args = _normalized(sample, model_output, coefs, model_output_uncond, noise, prev_x0)
-        prev, x0 = _dispatch.impls[choice.backend](*args, return_x0)
+        prev, x0 = _dispatch.impls[choice.impl](*args, return_x0)
     return (prev, x0) if return_x0 else prev
 
 
