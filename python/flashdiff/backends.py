@@ -196,9 +196,9 @@ class OpDispatch:
 
     def _choose_measured(self, device, inputs, skipped) -> Optional[Choice]:
         """The fastest implementation the dispatch table measured for the nearest class."""
-        if device.type != "cuda" or self.features is None:
+        if self.features is None:
             return None
-        table = dispatch_table.table_for(device)
+        table = dispatch_table.table_for(device)  # None off GPUs
         if table is None:
             return None
         found = table.lookup(self.name, self.features(**inputs))
@@ -215,9 +215,9 @@ class OpDispatch:
         return None
 
     def _rule_reason(self, device: torch.device) -> str:
-        if device.type != "cuda":
-            return f"the {device.type} rule (dispatch_table.FALLBACK_ORDER): no tables for {device.type}"
         table = dispatch_table.table_for(device)
+        if device.type != "cuda" and table is None:
+            return f"the {device.type} rule (dispatch_table.FALLBACK_ORDER; measured on 2-core EPYCs)"
         if table is None:
             return ("no dispatch table for this GPU (run `flashdiff tune`): the fallback rule, "
                     "which prefers torch unless a measurement says otherwise")

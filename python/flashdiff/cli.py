@@ -1,4 +1,4 @@
-"""`flashdiff info | validate | bench | sample | demo | train`."""
+"""`flashdiff info | validate | bench | tune | sample | demo | train`."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ import sys
 _COMMANDS = [
     ("flashdiff.commands.bench_validate", "add_validate_parser"),
     ("flashdiff.commands.bench_validate", "add_bench_parser"),
+    ("flashdiff.commands.tune", "add_tune_parser"),
     ("flashdiff.commands.sample_demo", "add_sample_parser"),
     ("flashdiff.commands.sample_demo", "add_demo_parser"),
     ("flashdiff.commands.sample_demo", "add_train_parser"),

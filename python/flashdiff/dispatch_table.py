@@ -203,6 +203,7 @@ _load_errors: Dict[str, str] = {}
 
 
 def _device_identity(device: torch.device) -> Optional[Tuple[str, Tuple[int, int]]]:
+    """(GPU name, compute capability); None for devices that have no tables (CPUs)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
