@@ -45,17 +45,20 @@ _choice_cache: Dict[tuple, Optional[str]] = {}
 
 
 def _auto_backend(q, k, v, attn_mask, backend) -> Optional[str]:
-    """The backend flashdiff.attention would use for these (structurally fusable) inputs,
-    or None when an explicit backend cannot serve them. Cached per (device, dtype, head dims)
-    outside tracing: that is all the backends' support checks look at."""
-    key = (q.device, q.dtype, q.shape[-1], v.shape[-1], attn_mask is None, backend, get_override())
+    """The implementation flashdiff.attention would use for these (structurally fusable)
+    inputs ("triton", "torch", "torch:cudnn", ...), or None when an explicit backend cannot
+    serve them. Cached per everything the choice reads (device, dtype, shapes: the dispatch
+    table's shape class) outside tracing."""
+    key = (q.device, q.dtype, q.shape, k.shape[2], v.shape[-1], attn_mask is None, backend, get_override())
     if not torch.compiler.is_compiling() and key in _choice_cache:
         return _choice_cache[key]
     try:
-        name = explain("attention", q, k, v, attn_mask, None, backend).backend
+        name = explain("attention", q, k, v, attn_mask, None, backend).impl
     except NotImplementedError:
         name = None
     if not torch.compiler.is_compiling():
+        if len(_choice_cache) >= 4096:
+            _choice_cache.clear()
         _choice_cache[key] = name
     return name
 
@@ -66,7 +69,7 @@ def _attention_call(q, k, v, attn_mask=None, scale=None, backend=None):
         name = _auto_backend(q, k, v, attn_mask, backend)
         # The reference backend materializes the scores; torch's SDPA is the better fallback.
         if name is not None and name != "reference":
-            return _fd_attention(q, k, v, attn_mask, scale, backend=name)
+            return _fd_attention(q, k, v, attn_mask, scale, backend=backend)
     return _TORCH_SDPA(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
