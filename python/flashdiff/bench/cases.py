@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import presets as P
-from .core import DTYPE_NAME, EPS, Case, Row, Skip, _Compiler, _explain_or_skip, _first_line, _sanity_tol
+from .core import DTYPE_NAME, EPS, Case, Row, Skip, _Compiler, _explain_or_skip, _first_line, _sanity_tol, auto_row
 
 # ---- attention
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
@@ -52,13 +52,16 @@ def attention_cases(preset: str, batch: int, s: P.AttentionShape, dtype: torch.d
         v = torch.randn(s.B, s.H, s.Skv, s.D, device=device, dtype=dtype, generator=g)
         return {"q": q, "k": k, "v": v}
 
-    rows = []
+    def call(inp, b):
+        import flashdiff
+
+        return lambda: flashdiff.attention(inp["q"], inp["k"], inp["v"], backend=b)
+
+    rows = [auto_row("attention", call, lambda inp: ((inp["q"], inp["k"], inp["v"]), {}))]
     for b in backends:
         def make(inp, b=b):
-            import flashdiff
-
             _explain_or_skip("attention", inp["q"], inp["k"], inp["v"], backend=b)
-            return lambda: flashdiff.attention(inp["q"], inp["k"], inp["v"], backend=b)
+            return call(inp, b)
         rows.append(Row(b, "flashdiff", make))
     if device == "cuda":
         rows += [_sdpa_row(name) for name in _SDPA_BACKENDS]
@@ -101,15 +104,21 @@ def group_norm_cases(preset: str, batch: int, s: P.NormShape, dtype: torch.dtype
     def args(inp):
         return inp["x"], s.groups, inp["w"], inp["b"]
 
-    rows = []
+    def kwargs(inp):
+        return dict(activation=s.activation, scale=inp["scale"], shift=inp["shift"])
+
+    def call(inp, be):
+        import flashdiff
+
+        x, G, w, b = args(inp)
+        kw = kwargs(inp)
+        return lambda: flashdiff.group_norm(x, G, w, b, EPS, backend=be, **kw)
+
+    rows = [auto_row("group_norm", call, lambda inp: (args(inp), kwargs(inp)))]
     for be in backends:
         def make(inp, be=be):
-            import flashdiff
-
-            x, G, w, b = args(inp)
-            kw = dict(activation=s.activation, scale=inp["scale"], shift=inp["shift"])
-            _explain_or_skip("group_norm", x, G, w, b, **kw, backend=be)
-            return lambda: flashdiff.group_norm(x, G, w, b, EPS, backend=be, **kw)
+            _explain_or_skip("group_norm", *args(inp), **kwargs(inp), backend=be)
+            return call(inp, be)
         rows.append(Row(be, "flashdiff", make))
 
     def make_eager(inp):
@@ -220,12 +229,18 @@ def scheduler_cases(preset: str, batch: int, s: P.StepShape, dtype: torch.dtype,
             return lambda: flow_euler_eager(x, u + GUIDANCE * (c - u), FLOW_SIGMA, FLOW_SIGMA_NEXT)
         return lambda: flow_euler_eager(x, c, FLOW_SIGMA, FLOW_SIGMA_NEXT)
 
-    rows = []
+    def step_args(inp):
+        return (inp["x"], inp["cond"], inp["coefs"], inp["uncond"]), {}
+
+    def call(inp, be):
+        x, c, coefs, u = step_args(inp)[0]
+        return lambda: flashdiff.scheduler_update(x, c, coefs, u, backend=be)
+
+    rows = [auto_row("scheduler_update", call, step_args)]
     for be in backends:
         def make(inp, be=be):
-            x, c, u, coefs = inp["x"], inp["cond"], inp["uncond"], inp["coefs"]
-            _explain_or_skip("scheduler_update", x, c, coefs, u, backend=be)
-            return lambda: flashdiff.scheduler_update(x, c, coefs, u, backend=be)
+            _explain_or_skip("scheduler_update", *step_args(inp)[0], backend=be)
+            return call(inp, be)
         rows.append(Row(be, "flashdiff", make))
 
     def make_eager(inp):

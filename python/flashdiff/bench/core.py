@@ -56,7 +56,7 @@ class Row:
     """One timed line of a case. make(inputs) returns the callable to time (it may compile or
     check that the row runs, and raise Skip)."""
     name: str
-    role: str  # "flashdiff" | "baseline" | "copy"
+    role: str  # "flashdiff" (an explicit backend) | "auto" (what a user gets) | "baseline" | "copy"
     make: Callable[[dict], Callable[[], Any]]
 
 
@@ -93,6 +93,21 @@ def flashdiff_backends(device: str, wanted: Optional[Sequence[str]] = None) -> L
 
 def _sanity_tol(dtype: torch.dtype) -> float:
     return 1e-3 if dtype == torch.float32 else 5e-2
+
+
+def auto_row(op: str, call: Callable[[dict, Optional[str]], Callable[[], Any]],
+             explain_args: Callable[[dict], tuple]) -> Row:
+    """The `auto` row: backend=None, what a user gets by default. The implementation auto
+    chose and why go into the record's note (inp["_row_note"])."""
+    def make(inp):
+        import flashdiff
+
+        args, kwargs = explain_args(inp)
+        choice = flashdiff.explain(op, *args, **kwargs)
+        inp["_row_note"] = f"auto chose {choice.impl}: {choice.source}"
+        return call(inp, None)
+
+    return Row("auto", "auto", make)
 
 
 def _explain_or_skip(op: str, *args, **kwargs) -> None:

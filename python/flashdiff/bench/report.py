@@ -93,6 +93,7 @@ def summary_rows(result: Dict[str, Any]) -> List[dict]:
         base = [r for r in recs if r["role"] == "baseline" and "median_ms" in r]
         best = min(ours, key=lambda r: r["median_ms"]) if ours else None
         bb = min(base, key=lambda r: r["median_ms"]) if base else None
+        auto = next((r for r in recs if r["role"] == "auto" and "median_ms" in r), None)
         out.append({"op": key[0], "preset": key[1], "batch": key[2], "case": key[3], "dtype": key[4],
                     "shape": recs[0]["shape"], "metric": recs[0]["metric"],
                     "backend": best["backend"] if best else None,
@@ -102,12 +103,16 @@ def summary_rows(result: Dict[str, Any]) -> List[dict]:
                     "baseline": bb["backend"] if bb else None,
                     "baseline_ms": bb["median_ms"] if bb else None,
                     "speedup": best.get("speedup_vs_best_baseline") if best else None,
-                    "check": best.get("check") if best else None})
+                    "check": best.get("check") if best else None,
+                    "auto_ms": auto["median_ms"] if auto else None,
+                    "auto_speedup": auto.get("speedup_vs_best_baseline") if auto else None,
+                    "auto_note": auto.get("note") if auto else None})
     return out
 
 
 def summary_markdown(result: Dict[str, Any]) -> str:
-    """A short Markdown table: per case, the fastest flashdiff backend vs the best baseline."""
+    """A short Markdown table: per case, the fastest flashdiff backend vs the best baseline, and
+    the auto row (what a user gets by default) vs the same baseline."""
     meta = result.get("meta", {})
     c = result.get("ceilings", {})
     lines = [f"**{meta.get('card') or meta.get('cpu')}**, {meta.get('date')}, commit "
@@ -116,8 +121,9 @@ def summary_markdown(result: Dict[str, Any]) -> str:
              f"Ceilings: copy {c.get('copy_gbps', 0):.1f} GB/s; {c.get('matmul_dtype')} matmul "
              f"{c.get('matmul_tflops', 0):.3f} TFLOP/s.",
              "",
-             "| op | preset | shape | dtype | flashdiff | median ms | rate | % ceiling | best baseline | its ms | speedup |",
-             "|---|---|---|---|---|---:|---:|---:|---|---:|---:|"]
+             "| op | preset | shape | dtype | flashdiff | median ms | rate | % ceiling | best baseline | its ms | speedup "
+             "| auto ms | auto speedup |",
+             "|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for s in summary_rows(result):
         if s["median_ms"] is None and s["baseline_ms"] is None:
             continue
@@ -129,5 +135,7 @@ def summary_markdown(result: Dict[str, Any]) -> str:
             f"{'%.0f%%' % (100 * frac) if frac is not None else '—'} | {s['baseline'] or '—'} | "
             f"{_fmt_ms(s['baseline_ms']) if s['baseline_ms'] is not None else '—'} | "
             f"{'%.2f×' % s['speedup'] if s['speedup'] is not None else '—'}"
-            f"{' MISMATCH' if s['check'] == 'MISMATCH' else ''} |")
+            f"{' MISMATCH' if s['check'] == 'MISMATCH' else ''} | "
+            f"{_fmt_ms(s['auto_ms']) if s['auto_ms'] is not None else '—'} | "
+            f"{'%.2f×' % s['auto_speedup'] if s['auto_speedup'] is not None else '—'} |")
     return "\n".join(lines)

@@ -60,15 +60,16 @@ def _run_case(case: Case, device: str, opts: BenchOptions, ceilings: dict, say) 
         say(f"  skipped {case.id}: {why}")
         return [dict(base, backend=r.name, role=r.role, skipped=why) for r in case.rows]
     # Baselines first: they produce the output the flashdiff rows are sanity-checked against.
-    order = sorted(case.rows, key=lambda r: r.role == "flashdiff")
+    order = sorted(case.rows, key=lambda r: {"flashdiff": 1, "auto": 2}.get(r.role, 0))
     for row in order:
+        inp.pop("_row_note", None)
         rec = dict(base, backend=row.name, role=row.role)
         try:
             with torch.inference_mode():
                 fn = row.make(inp)
                 out = fn()
                 check_err = None
-                if opts.check and case.tol and row.role == "flashdiff" and isinstance(out, torch.Tensor) \
+                if opts.check and case.tol and row.role in ("flashdiff", "auto") and isinstance(out, torch.Tensor) \
                         and isinstance(inp.get("expected"), torch.Tensor):
                     check_err = _rel_error(out, inp["expected"])
                 del out  # not held while timing: a live extra output changes where the allocator puts the next ones
@@ -87,6 +88,8 @@ def _run_case(case: Case, device: str, opts: BenchOptions, ceilings: dict, say) 
                 torch.cuda.empty_cache()
             continue
         rec.update(asdict(t))
+        if "_row_note" in inp:
+            rec["note"] = inp.pop("_row_note")
         rate = case.work / (t.median_ms * 1e-3)
         if case.metric == "GB/s":
             rec["value"] = rate / 1e9
