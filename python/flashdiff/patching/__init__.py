@@ -25,6 +25,9 @@ What `patch` changes, and only where the structure makes the change certain:
   `sdpa_override()` routes.
 - scheduler (pipelines): the flashdiff scheduler of the same class name, `from_config` of
   the pipeline's scheduler config.
+- cuda_graph=True (opt in): the denoiser's forward (`pipe.unet` / `pipe.transformer`, or the
+  module) is captured as a CUDA graph per input signature and replayed; anything a graph
+  cannot serve runs eagerly, with the reason in `report.graph_fallbacks` (cuda_graph.py).
 
 Per call, an input the fused kernels cannot serve falls back (flashdiff's auto dispatch, or
 torch) and never raises. One difference is intended: a query row whose keys are all masked
@@ -33,7 +36,7 @@ out gives zeros in flashdiff (torch SDPA gives NaN), see docs/internals.md.
 Layout: report.py (PatchReport, the undo record), group_norm.py (FlashGroupNorm),
 resnet.py (FusedResnetBlock2D), norm_act.py (GroupNorm replacement and norm→act fusion),
 attention.py (FlashdiffAttnProcessor), scheduler.py (scheduler swap), sdpa.py (the global
-SDPA override); this file: patch / unpatch / patched.
+SDPA override), cuda_graph.py (GraphedForward); this file: patch / unpatch / patched.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import torch.nn as nn
 
 from ..backends import BACKENDS
 from .attention import FlashdiffAttnProcessor, _patch_attention
+from .cuda_graph import _graph_denoisers
 from .group_norm import FlashGroupNorm
 from .norm_act import _patch_group_norms
 from .report import PatchReport, _State
@@ -65,7 +69,7 @@ def _is_pipeline(obj) -> bool:
 
 
 def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool = True,
-          backend: Optional[str] = None) -> PatchReport:
+          backend: Optional[str] = None, cuda_graph: bool = False) -> PatchReport:
     """Route `obj` (a torch nn.Module or a diffusers pipeline) through flashdiff, in place.
 
     Args:
@@ -77,6 +81,9 @@ def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool 
         scheduler: replace a pipeline's scheduler by flashdiff's of the same class.
         backend: None/"auto" or a backend name for every op; an input that backend cannot
             serve falls back to auto, per call.
+        cuda_graph: capture the denoiser's forward (a pipeline's unet/transformer, else `obj`)
+            as CUDA graphs, one per input signature, and replay them; calls a graph cannot
+            serve run eagerly, with the reason in `report.graph_fallbacks` (docs/patch.md).
     Returns: a PatchReport (print it). Undo with `flashdiff.unpatch(obj)`.
     """
     if backend == "auto":
@@ -100,6 +107,8 @@ def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool 
             _patch_attention(root, prefix, backend, state, report)
     if scheduler and _is_pipeline(obj):
         _patch_scheduler(obj, state, report)
+    if cuda_graph:
+        _graph_denoisers(obj, state, report)
     state.report = report
     _STATES[obj] = state
     return report
@@ -107,10 +116,13 @@ def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool 
 
 def unpatch(obj) -> None:
     """Undo `patch(obj)`: the original module objects, processors and scheduler are put back,
-    so the model computes bit-identically to before. A no-op on an object not patched."""
+    and captured CUDA graphs released, so the model computes bit-identically to before.
+    A no-op on an object not patched."""
     state = _STATES.pop(obj, None)
     if state is None:
         return
+    for graphed in reversed(state.graphs):
+        graphed.remove()
     if state.scheduler is not None:
         pipe, attr, original = state.scheduler
         setattr(pipe, attr, original)

@@ -14,6 +14,8 @@ class PatchReport:
     target: str
     replaced: List[Tuple[str, str, str]] = field(default_factory=list)    # (kind, where, what)
     left_alone: List[Tuple[str, str, str]] = field(default_factory=list)  # (kind, where, why)
+    # cuda_graph=True: calls that ran eagerly, once per input signature; filled in as the model runs
+    graph_fallbacks: List[Tuple[str, str, str]] = field(default_factory=list)  # (where, signature, why)
 
     def counts(self) -> Dict[str, int]:
         """{kind: number replaced}, e.g. {"group_norm": 12, "group_norm+silu": 9, "attention": 4}."""
@@ -31,6 +33,9 @@ class PatchReport:
         if self.left_alone:
             lines.append("left alone:")
             lines += [f"  {kind:<16} {where or '<root>'}: {why}" for kind, where, why in self.left_alone]
+        if self.graph_fallbacks:
+            lines.append("cuda graph fallbacks:")
+            lines += [f"  {where or '<root>'} {sig}: {why}" for where, sig, why in self.graph_fallbacks]
         return "\n".join(lines)
 
 
@@ -41,4 +46,5 @@ class _State:
     classes: List[Tuple[nn.Module, type]] = field(default_factory=list)            # (module, original class)
     processors: List[Tuple[nn.Module, Any]] = field(default_factory=list)          # (attn module, original)
     scheduler: Optional[Tuple[Any, str, Any]] = None                               # (pipe, attr, original)
+    graphs: List[Any] = field(default_factory=list)  # cuda_graph.GraphedForward; each undoes itself
     report: Optional[PatchReport] = None
