@@ -3,9 +3,10 @@ $OUT/summary.md (and print nothing else; the script prints the summary last).
 
     python benchmarks/device_report.py --work WORKDIR --out OUT --status 0 --elapsed 412
 
-WORKDIR holds bench.json (flashdiff bench --json), validate.json (flashdiff validate --json)
-and steps.tsv (name, exit status, seconds, log); OUT holds the logs. Any of them may be
-missing (a step that timed out): the report says so instead of failing.
+WORKDIR holds bench.json and e2e.json (flashdiff bench --json), validate.json (flashdiff
+validate --json) and steps.tsv (name, exit status, seconds, log); OUT holds the logs and
+dispatch-table.json (flashdiff tune --out). Any of them may be missing (a step that timed
+out): the report says so instead of failing.
 """
 import argparse
 import json
@@ -68,6 +69,20 @@ def main(argv=None) -> int:
     except OSError:
         pass
     result = _load(os.path.join(args.work, "bench.json")) or {"schema": bench.SCHEMA, "meta": {}, "results": []}
+    e2e = _load(os.path.join(args.work, "e2e.json"))
+    if e2e is not None:  # its own bench run: rows join the op rows, meta fills in if bench died
+        result["results"] = list(e2e.get("results", [])) + list(result.get("results", []))
+        result["e2e_compile_times_s"] = e2e.get("compile_times_s")
+        for key in ("meta", "ceilings"):
+            if not result.get(key):
+                result[key] = e2e.get(key, {})
+    table = _load(os.path.join(args.out, "dispatch-table.json"))
+    if table is not None:
+        from flashdiff.bench.tune import summary as tune_summary
+
+        result["tune"] = {"summary": tune_summary(table), "wall_s": table.get("wall_s"),
+                          "skipped": table.get("skipped", []), "device": table.get("device"),
+                          "versions": table.get("versions")}
     validate = _load(os.path.join(args.work, "validate.json"))
     tests = _test_counts(os.path.join(args.out, "tests.log"))
     result["device_run"] = {"status": args.status, "elapsed_s": args.elapsed, "steps": steps, "tests": tests,
@@ -87,6 +102,11 @@ def main(argv=None) -> int:
     md.append("")
     if tests:
         md += ["Tests: " + "; ".join(tests), ""]
+    if table is not None:
+        md += [f"Tune ({table.get('wall_s')} s; dispatch-table.json):", "", "```",
+               result["tune"]["summary"], "```", ""]
+    else:
+        md += ["Tune: no table (the step failed or timed out).", ""]
     if validate is not None:
         md += [f"Validate (seed {validate.get('seed')}): status {validate.get('status')}", "",
                "| op/backend/device | pass | fail | declined | worst ratio |", "|---|---:|---:|---:|---:|"]

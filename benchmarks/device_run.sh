@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# The one script a GPU device call runs (../shared/DEVICE.md), in one call, well inside 8 minutes:
+# The one script a GPU device call runs (docs/gpu-runs.md), in priority order, each step under its
+# own time limit and each writing its part as soon as it finishes (a time-out keeps the rest):
 #   1. nvidia-smi -L, torch / triton / nvcc versions
 #   2. build flashdiff (both modules, sm_90a only, parallel nvcc), failing loudly
-#   3. GPU tests (pytest -m gpu) and the op tests against the references
-#   4. flashdiff validate, then flashdiff bench on the model presets with the baselines in-process
-#   5. (inside bench) the two ceilings, measured once: large D2D copy, large bf16 matmul
-#   6. $OUT/results.json (every number), $OUT/summary.md, logs; the summary table printed last
+#   3. flashdiff tune --quick: the dispatch table that ships (and that the later steps use)
+#   4. end-to-end sampling (flashdiff bench --op e2e --preset e2e-gpu)
+#   5. flashdiff validate
+#   6. a trimmed GPU test selection (graph capture first)
+#   7. flashdiff bench on the model presets: each case's auto row, every backend, baselines
+#   8. $OUT/results.json (every number), $OUT/summary.md; the summary table printed last
 #
 #   OUT=/some/dir FLASHDIFF_GIT_COMMIT=<sha> bash benchmarks/device_run.sh
 #
-# Knobs: FD_TOTAL_S (target wall time, default 450), FD_BENCH_ARGS (extra `flashdiff bench` args),
-# FD_SKIP_BUILD=1 (already built). Without a GPU it stops at once with exit status 3.
+# Knobs: FD_TOTAL_S (target wall time, default 500), FD_TUNE_BUDGET_S, FD_E2E_BUDGET_S,
+# FD_BENCH_ARGS (extra `flashdiff bench` args), FD_SKIP_BUILD=1 (already built).
+# Without a GPU it stops at once with exit status 3.
 # Files under $OUT (the device tool returns at most 8): results.json summary.md device_run.log
-# build.log tests.log validate.log bench.log.
+# dispatch-table.json build.log tune.log tests.log bench.log.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 T0=$(date +%s)
-TOTAL=${FD_TOTAL_S:-450}
+TOTAL=${FD_TOTAL_S:-500}
 
 # ---------------------------------------------------------------- no GPU: fail fast
 # FD_DRY_RUN_CPU=1 walks every step on a CPU machine instead (no build, tiny preset, no GPU
@@ -28,9 +32,10 @@ if [ "$DRY" = 1 ]; then
     echo "device_run.sh: FD_DRY_RUN_CPU=1: walking the steps on the CPU (no build, tiny shapes, no GPU numbers)"
     FD_SKIP_BUILD=1
     FD_BENCH_ARGS=${FD_BENCH_ARGS:---preset tiny}
+    export FLASHDIFF_CACHE_DIR=${FLASHDIFF_CACHE_DIR:-$(mktemp -d)}
 elif ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "device_run.sh: no NVIDIA GPU here (nvidia-smi is missing or 'nvidia-smi -L' failed)." >&2
-    echo "device_run.sh: run it on the device machine (see ../shared/DEVICE.md); nothing was built or measured." >&2
+    echo "device_run.sh: run it on a GPU machine (docs/gpu-runs.md); nothing was built or measured." >&2
     exit 3
 fi
 
@@ -100,27 +105,44 @@ assert _ext.load_cuda()[0] is not None, _ext.load_cuda()[1]
 fi
 python -m flashdiff info || true
 
-# ---------------------------------------------------------------- 3. tests
-# 170 s: the GPU suite took ~150 s on an H200 (2026-11-26; 100 s timed out)
-step gpu-tests 170 tests.log python -m pytest -q -p no:cacheprovider -m gpu tests || STATUS=1
-step op-tests 45 tests.log python -m pytest -q -p no:cacheprovider -m "not gpu and not slow" \
+# ---------------------------------------------------------------- 3. tune (the dispatch table that ships)
+# Written to the user cache dir, so every later step's auto choice already uses it, and to
+# $OUT for committing as python/flashdiff/dispatch_tables/dispatch-<card>-sm<cc>.json.
+TUNE_BUDGET=${FD_TUNE_BUDGET_S:-110}
+# shellcheck disable=SC2086
+step tune $(( TUNE_BUDGET + 60 )) tune.log python -m flashdiff tune --quick --time-budget "$TUNE_BUDGET" \
+    --out "$OUT/dispatch-table.json" $([ "$DRY" = 1 ] && echo "--device cpu --preset tiny --dtype fp32") || STATUS=1
+
+# ---------------------------------------------------------------- 4. end-to-end sampling
+# Whole sampling runs (DiT-XL/2 256 px, SD 1.5 U-Net 512 px; batch 1 and 8; CFG; 10 steps):
+# torch eager, torch.compile, flashdiff patch, flashdiff patch+graph.
+E2E_BUDGET=${FD_E2E_BUDGET_S:-130}
+step e2e $(( E2E_BUDGET + 40 )) bench.log python -m flashdiff bench --op e2e \
+    --preset "$([ "$DRY" = 1 ] && echo tiny || echo e2e-gpu)" --time-budget "$E2E_BUDGET" \
+    --json "$WORK/e2e.json" || STATUS=1
+
+# ---------------------------------------------------------------- 5. validate
+step validate 60 tests.log python -m flashdiff validate --cases 1 --quiet --json "$WORK/validate.json" || STATUS=1
+
+# ---------------------------------------------------------------- 6. trimmed GPU tests
+# Graph capture first (the captured sampler, patch(cuda_graph=True), capture safety), then the
+# measured dispatch and the torch backend on CUDA tensors.
+step gpu-tests-graphs 50 tests.log python -m pytest -q -p no:cacheprovider -m gpu \
+    tests/test_sampling.py tests/test_patch_graph.py tests/test_capture_safety.py tests/test_dispatch_table.py || STATUS=1
+step gpu-tests-torch 40 tests.log python -m pytest -q -p no:cacheprovider -m gpu -k "cuda-torch" \
     tests/test_attention.py tests/test_group_norm.py tests/test_scheduler_ops.py || STATUS=1
 
-# ---------------------------------------------------------------- 4. validate
-step validate 80 validate.log python -m flashdiff validate --cases "$([ "$DRY" = 1 ] && echo 1 || echo 2)" \
-    --quiet --json "$WORK/validate.json" || STATUS=1
-
-# ---------------------------------------------------------------- 4-5. bench (ceilings inside)
-# The bench gets what is left of FD_TOTAL_S (60..260 s of cases; ceilings, the case in flight
-# and the report on top), and the whole script stays under the device tool's 10-minute limit.
-LEFT=$(( TOTAL - $(elapsed) - 20 ))
-BUDGET=$(( LEFT < 60 ? 60 : (LEFT > 260 ? 260 : LEFT) ))
-LIMIT=$(( BUDGET + 75 ))
-HARD=$(( 570 - $(elapsed) ))
-[ "$LIMIT" -gt "$HARD" ] && LIMIT=$HARD && BUDGET=$(( HARD - 60 > 30 ? HARD - 60 : 30 ))
+# ---------------------------------------------------------------- 7. bench (ceilings inside)
+# What is left of FD_TOTAL_S goes to the op cases (each with its auto row); the script stays
+# under the device tool's 10-minute limit.
+LEFT=$(( TOTAL - $(elapsed) - 25 ))
+BUDGET=$(( LEFT < 40 ? 40 : LEFT ))
+LIMIT=$(( BUDGET + 45 ))
+HARD=$(( 575 - $(elapsed) ))
+[ "$LIMIT" -gt "$HARD" ] && LIMIT=$HARD && BUDGET=$(( HARD - 45 > 20 ? HARD - 45 : 20 ))
 # shellcheck disable=SC2086
-step bench "$LIMIT" bench.log python -m flashdiff bench --op scheduler group_norm attention e2e \
-    --time-budget "$BUDGET" --compile-budget 40 --json "$WORK/bench.json" ${FD_BENCH_ARGS:-} || STATUS=1
+step bench "$LIMIT" bench.log python -m flashdiff bench --quick --op scheduler group_norm attention \
+    --time-budget "$BUDGET" --compile-budget 15 --json "$WORK/bench.json" ${FD_BENCH_ARGS:-} || STATUS=1
 
 # ---------------------------------------------------------------- 6. results
 python benchmarks/device_report.py --work "$WORK" --out "$OUT" --status "$STATUS" --elapsed "$(elapsed)" || STATUS=1
