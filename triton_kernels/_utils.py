@@ -15,15 +15,6 @@ import torch
 # Kernels run on the CPU through triton's interpreter (tests on a machine without a GPU).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Autotuning benchmarks every config on the first call with a new key. Off under the
-# interpreter (timings mean nothing there and it is slow); FLASHDIFF_TRITON_AUTOTUNE=0 also
-# turns it off on a GPU (each launcher then uses the first config of its list).
-AUTOTUNE = not INTERPRET and os.environ.get("FLASHDIFF_TRITON_AUTOTUNE", "1") != "0"
-
-def configs(cfgs):
-    """The autotune list actually used: all of `cfgs`, or only the first when not tuning."""
-    return list(cfgs) if AUTOTUNE else list(cfgs[:1])
-
 
 def dot_upcast(dtype: torch.dtype) -> bool:
     """Whether dot operands must be upcast to fp32: the interpreter's bf16 `tl.dot` returns

@@ -17,6 +17,15 @@ Numerics
     (FlashAttention's convention), so that exp(s − lse) = 0 in the backward: its gradients are 0.
   * int64 batch/head/sequence offsets: fused-qkv strides times long sequences can pass 2^31.
 
+Configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel ("fwd", "dkdv", "dq") come from a
+table keyed by `config_key`: op, dtype, head-dim bucket (BLOCK_D), mask present or not, and Sq /
+Skv bucketed to powers of two (64..16384), so a new sequence length in a known bucket reuses its
+config. A key missing from the table is tuned once (2-3 candidates compiled and timed: a
+second or more on a cold Triton cache) only when `autotune_allowed()`: never inside CUDA-graph capture or torch.compile tracing, and
+not with FLASHDIFF_AUTOTUNE=0; otherwise the launch uses `default_config` (no timing). Ship or
+cache a table with `tuned_configs()` / `load_tuned_configs()` to keep tuning off the hot path.
+Under the interpreter nothing is timed: "tuning" records the one small interpreter config.
+
 Layout: q [B, H, Sq, D], k/v [B, H, Skv, D] with arbitrary strides (e.g. views of a fused qkv
 [B, S, 3, H, D]); all four strides are passed, nothing is copied. head_dim 16..256; a head_dim
 that is not a power of two (40, 72, 80, 160) uses the next power-of-two BLOCK_D with masked
@@ -26,14 +35,18 @@ dtype, lse fp32 [B, H, Sq] (natural log).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import errors as _triton_errors
+from triton.testing import do_bench
 
-from ._utils import INTERPRET, configs, dot_upcast
+from ._utils import INTERPRET, dot_upcast
 
-__all__ = ["attention_fwd", "attention_bwd"]
+__all__ = ["attention_fwd", "attention_bwd", "config_key", "tuned_configs", "load_tuned_configs",
+           "default_config", "autotune_allowed"]
 
 _LOG2E = 1.4426950408889634
 
@@ -302,48 +315,177 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
-# ================================================================ configs
-# Tiers by the bytes of one row of a head (BLOCK_D · element size): shared memory and registers
-# scale with it. First config of each list = the one used when autotuning is off.
-def _tier(block_d: int, elsize: int) -> int:
-    row = block_d * elsize
-    return 0 if row <= 128 else 1 if row <= 256 else 2 if row <= 512 else 3
+# ================================================================ configs and tuning
+# A config is a plain dict {BLOCK_M, BLOCK_N, num_warps, num_stages}: JSON-serialisable as it
+# is, and `**config` is exactly the launch keywords.
+_CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    return dict(zip(_CONFIG_FIELDS, (bm, bn, w, s)))
 
 
-_FWD_CONFIGS = {
-    0: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
-    1: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)],
-    2: [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
-    3: [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1)],
+# Tiers by the bytes of one row of a head (BLOCK_D · element size): shared memory and registers
+# scale with it. fp16/bf16 hd ≤ 64 → tier 0, hd 128 → 1, hd 256 → 2; fp32 one tier higher.
+# The first config of each list is the heuristic default (used without timing); the lists are
+# short so that tuning one key costs well under a second of device time. For fp16/bf16 the
+# defaults compile for sm_90 without register spills, and no fwd candidate of hd ≤ 128 uses
+# num_warps=8 with BLOCK_M·BLOCK_N < 128·128, which Triton's fused-attention tutorial prunes
+# as never winning. (At hd 128, 128 × 64 with 4 warps spills 376 B per thread in an offline
+# sm_90 compile with Triton 3.9; 128 × 32 uses 254 registers and no stack.)
+_CANDIDATES = {
+    "fwd": {
+        0: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
+        1: [_cfg(128, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(128, 128, 8, 2)],
+        2: [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
+        3: [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1)],
+    },
+    "dkdv": {
+        0: [_cfg(64, 64, 4, 3), _cfg(32, 128, 4, 3)],
+        1: [_cfg(32, 64, 4, 3), _cfg(32, 128, 8, 3)],
+        2: [_cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2)],
+        3: [_cfg(16, 32, 4, 1), _cfg(32, 32, 8, 1)],
+    },
+    "dq": {
+        0: [_cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
+        1: [_cfg(64, 32, 4, 3), _cfg(128, 32, 8, 3)],
+        2: [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
+        3: [_cfg(16, 32, 4, 1), _cfg(32, 32, 8, 1)],
+    },
 }
-_DKDV_CONFIGS = {
-    0: [_cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3)],
-    1: [_cfg(32, 64, 4, 3), _cfg(32, 128, 8, 3)],
-    2: [_cfg(32, 32, 4, 2), _cfg(16, 64, 8, 2)],
-    3: [_cfg(16, 32, 4, 1), _cfg(32, 32, 8, 1)],
-}
-_DQ_CONFIGS = {
-    0: [_cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
-    1: [_cfg(64, 32, 4, 3), _cfg(128, 32, 8, 3)],
-    2: [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2)],
-    3: [_cfg(16, 32, 4, 1), _cfg(32, 32, 8, 1)],
-}
-_INTERPRET_CONFIG = [_cfg(32, 32, 4, 1)]  # one config: autotuning under the interpreter is slow
+_INTERPRET_CONFIG = _cfg(32, 32, 4, 1)  # small blocks keep the interpreter's tests quick
 
-_tuned = {}
+# Sequence lengths are bucketed to the next power of two within these bounds, so a new length
+# in a known bucket reuses its config (no run-time re-tuning as resolutions change).
+_SEQ_BUCKET_MIN, _SEQ_BUCKET_MAX = 64, 16384
+
+_TABLE: dict = {}  # config key -> config: tuned here or loaded by load_tuned_configs
 
 
-def _kernel(name, jit_fn, table, tier):
-    """The autotuned kernel for (op, tier); the autotune key adds (Sq, Skv) (+ dtypes)."""
-    key = (name, tier)
-    if key not in _tuned:
-        cfgs = _INTERPRET_CONFIG if INTERPRET else configs(table[tier])
-        _tuned[key] = triton.autotune(configs=cfgs, key=["Sq", "Skv"])(jit_fn)
-    return _tuned[key]
+def _tier(block_d: int, dtype: torch.dtype) -> int:
+    row = block_d * dtype.itemsize
+    return 0 if row <= 128 else 1 if row <= 256 else 2 if row <= 512 else 3
+
+
+def _seq_bucket(n: int) -> int:
+    return min(max(triton.next_power_of_2(n), _SEQ_BUCKET_MIN), _SEQ_BUCKET_MAX)
+
+
+def _key(op: str, dtype: torch.dtype, block_d: int, has_mask: bool, sq: int, skv: int) -> str:
+    """The config key, e.g. "fwd:bfloat16:d128:mask:q4096:kv128" (head dim as its BLOCK_D)."""
+    return (f"{op}:{str(dtype).rpartition('.')[2]}:d{block_d}:{'mask' if has_mask else 'nomask'}"
+            f":q{_seq_bucket(sq)}:kv{_seq_bucket(skv)}")
+
+
+def config_key(q: torch.Tensor, k: torch.Tensor, key_padding_mask=None, op: str = "fwd") -> str:
+    """The key under which the config of one attention kernel for these inputs is looked up:
+    op ("fwd", "dkdv" or "dq"), dtype, head-dim bucket (BLOCK_D), mask present or not, and
+    the Sq and Skv buckets."""
+    if op not in _CANDIDATES:
+        raise ValueError(f"op must be one of {sorted(_CANDIDATES)}, got {op!r}")
+    return _key(op, q.dtype, _block_d(q.shape[-1]), key_padding_mask is not None,
+                q.shape[2], k.shape[2])
+
+
+def tuned_configs() -> dict:
+    """The configs tuned or loaded so far: {config key: {BLOCK_M, BLOCK_N, num_warps,
+    num_stages}}, a copy, JSON-serialisable (the dispatch table `flashdiff tune` writes).
+    Heuristic defaults are never recorded here."""
+    return {key: dict(cfg) for key, cfg in _TABLE.items()}
+
+
+def load_tuned_configs(d: dict, replace: bool = False) -> None:
+    """Seed the table with {config key: config} (e.g. a shipped or cached tuned_configs()
+    output); these keys are never tuned at run time. Merges unless replace=True. Every entry is
+    checked first, so a bad table raises ValueError and changes nothing."""
+    checked = {}
+    for key, cfg in d.items():
+        if not isinstance(key, str) or not isinstance(cfg, dict) or set(cfg) != set(_CONFIG_FIELDS):
+            raise ValueError(f"tuned config {key!r}: expected a str key and a dict with exactly "
+                             f"{_CONFIG_FIELDS}, got {cfg!r}")
+        vals = {f: cfg[f] for f in _CONFIG_FIELDS}
+        # tl.dot needs blocks of at least 16; blocks and warps must be powers of two
+        if not (all(isinstance(v, int) and not isinstance(v, bool) for v in vals.values())
+                and all(v >= 16 and v & (v - 1) == 0 for v in (vals["BLOCK_M"], vals["BLOCK_N"]))
+                and vals["num_warps"] >= 1 and vals["num_warps"] & (vals["num_warps"] - 1) == 0
+                and vals["num_stages"] >= 1):
+            raise ValueError(f"tuned config {key!r}: invalid values {cfg!r}")
+        checked[key] = vals
+    if replace:
+        _TABLE.clear()
+    _TABLE.update(checked)
+
+
+def default_config(op: str, dtype: torch.dtype, head_dim: int) -> dict:
+    """The heuristic config (no timing) of op ("fwd", "dkdv", "dq") for a key without a tuned
+    one: the first candidate of the tier of (head-dim bucket, dtype); under the interpreter
+    one small config."""
+    if INTERPRET:
+        return dict(_INTERPRET_CONFIG)
+    return dict(_CANDIDATES[op][_tier(_block_d(head_dim), dtype)][0])
+
+
+def _candidates(op: str, dtype: torch.dtype, head_dim: int) -> list:
+    """The configs timed when a key is tuned (only the default under the interpreter)."""
+    if INTERPRET:
+        return [default_config(op, dtype, head_dim)]
+    return [dict(c) for c in _CANDIDATES[op][_tier(_block_d(head_dim), dtype)]]
+
+
+def _capturing() -> bool:
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except RuntimeError:  # CPU-only torch: the CUDA stub raises, and nothing can be captured
+        return False
+
+
+def autotune_allowed() -> bool:
+    """Whether a key without a config may be tuned now: never during CUDA-graph capture (timing
+    synchronises, which capture forbids), never while torch.compile traces, and not when the
+    environment sets FLASHDIFF_AUTOTUNE=0 (then every such key uses its heuristic default)."""
+    return (os.environ.get("FLASHDIFF_AUTOTUNE", "1") != "0"
+            and not torch.compiler.is_compiling() and not _capturing())
+
+
+# Failures that mean "this config does not fit this GPU", as Triton's own autotuner skips them.
+_CONFIG_ERRORS = tuple(getattr(_triton_errors, name) for name in ("OutOfResources", "PTXASError")
+                       if hasattr(_triton_errors, name))
+
+
+def _time_config(launch) -> float:
+    """Median milliseconds of launch() (compiling it first). Under the interpreter timings mean
+    nothing: 0.0 without running it."""
+    if INTERPRET:
+        return 0.0
+    try:
+        return do_bench(launch, warmup=10, rep=40, return_mode="median")
+    except _CONFIG_ERRORS:
+        return float("inf")
+
+
+def _launch(kernel, grid, args, meta, cfg) -> None:
+    """One launch of kernel with config cfg; grid(cfg) gives the launch grid."""
+    kernel[grid(cfg)](*args, **meta, **cfg)
+
+
+def _run(op, kernel, grid, args, meta, dtype, sq, skv) -> None:
+    """Launch op's kernel with the config of its key: the table's; else tune the key once when
+    allowed (recorded); else the heuristic default (not recorded: a later eager call can still
+    tune it). meta holds the constexpr flags, BLOCK_D and HAS_MASK among them."""
+    block_d = meta["BLOCK_D"]
+    key = _key(op, dtype, block_d, meta["HAS_MASK"], sq, skv)
+    cfg = _TABLE.get(key)
+    if cfg is None:
+        if autotune_allowed():
+            cands = _candidates(op, dtype, block_d)
+            times = [_time_config(lambda c=c: _launch(kernel, grid, args, meta, c)) for c in cands]
+            best = min(range(len(cands)), key=times.__getitem__)
+            if math.isinf(times[best]):
+                raise RuntimeError(f"attention {key}: no candidate config fits this GPU: {cands}")
+            cfg = _TABLE[key] = cands[best]
+        else:
+            cfg = default_config(op, dtype, block_d)
+    _launch(kernel, grid, args, meta, cfg)
 
 
 def _block_d(D: int) -> int:
@@ -384,15 +526,13 @@ def attention_fwd(q, k, v, key_padding_mask=None, scale=None):
         return o.zero_(), lse.fill_(float("inf"))
     mask, smb, smn, has_mask = _mask_args(key_padding_mask, lse)
     block_d = _block_d(D)
-    kernel = _kernel("fwd", _attention_fwd_kernel, _FWD_CONFIGS, _tier(block_d, q.element_size()))
-    grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), H, B)  # noqa: E731
-    kernel[grid](
-        q, k, v, o, lse, mask,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3], smb, smn,
-        H, Sq, Skv, D, scale * _LOG2E,
-        HAS_MASK=has_mask, DOT_F32=dot_upcast(q.dtype), PRECISION=_precision(q.dtype),
-        BLOCK_D=block_d,
-    )
+    _run("fwd", _attention_fwd_kernel, lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]), H, B),
+         (q, k, v, o, lse, mask,
+          *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3], smb, smn,
+          H, Sq, Skv, D, scale * _LOG2E),
+         dict(HAS_MASK=has_mask, DOT_F32=dot_upcast(q.dtype), PRECISION=_precision(q.dtype),
+              BLOCK_D=block_d),
+         q.dtype, Sq, Skv)
     return o, lse
 
 
@@ -417,21 +557,18 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, scale=None):
         o, do, delta, *o.stride(), *do.stride(), H, Sq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
     )
     mask, smb, smn, has_mask = _mask_args(key_padding_mask, delta)
-    tier = _tier(block_d, q.element_size())
     flags = dict(HAS_MASK=has_mask, DOT_F32=dot_upcast(q.dtype), PRECISION=_precision(q.dtype),
                  BLOCK_D=block_d)
     lse = lse.contiguous()
-    kernel = _kernel("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, tier)
-    kernel[lambda meta: (triton.cdiv(Skv, meta["BLOCK_N"]), H, B)](
-        q, k, v, do, lse, delta, dk, dv, mask,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        *dk.stride()[:3], *dv.stride()[:3], smb, smn,
-        H, Sq, Skv, D, scale * _LOG2E, scale, **flags,
-    )
-    kernel = _kernel("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, tier)
-    kernel[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), H, B)](
-        q, k, v, do, lse, delta, dq, mask,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3], smb, smn,
-        H, Sq, Skv, D, scale * _LOG2E, scale, **flags,
-    )
+    _run("dkdv", _attention_bwd_dkdv_kernel, lambda cfg: (triton.cdiv(Skv, cfg["BLOCK_N"]), H, B),
+         (q, k, v, do, lse, delta, dk, dv, mask,
+          *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+          *dk.stride()[:3], *dv.stride()[:3], smb, smn,
+          H, Sq, Skv, D, scale * _LOG2E, scale),
+         flags, q.dtype, Sq, Skv)
+    _run("dq", _attention_bwd_dq_kernel, lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]), H, B),
+         (q, k, v, do, lse, delta, dq, mask,
+          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3], smb, smn,
+          H, Sq, Skv, D, scale * _LOG2E, scale),
+         flags, q.dtype, Sq, Skv)
     return dq, dk, dv
