@@ -143,3 +143,14 @@ def test_tune_records_an_implementation_that_disagrees_as_failed(monkeypatch):
     entry = tune.tune_class("scheduler_update", "t", inp, torch.device("cpu"), True, lambda m: None)
     assert entry["times_ms"]["cpu"] is None and "differs" in entry["notes"]["cpu"]
     assert entry["best"] == "torch"
+
+
+def test_half_precision_classes_stand_in_for_each_other_but_fp32_never(fake_gpu):
+    entry = _step_entry((2, 4, 64, 64), True, {"torch": 0.002, "cpu": 0.010}, dtype="bf16")
+    dispatch_table.set_table(*FAKE_GPU, dispatch_table.Table(_table({"scheduler_update": [entry]}), "test"))
+    x16 = torch.randn(2, 4, 64, 64, dtype=torch.float16)
+    coefs = flashdiff.ddim_coefs(0.5, 0.6, guidance_scale=3.0)
+    choice = flashdiff.explain("scheduler_update", x16, x16, coefs, x16)
+    assert choice.backend == "torch" and "distance 1.00" in choice.source
+    x32 = x16.float()
+    assert "fallback rule" in flashdiff.explain("scheduler_update", x32, x32, coefs, x32).source

@@ -93,8 +93,14 @@ def scheduler_features(sample, model_output_uncond) -> dict:
             "log2_numel": _log2(sample.numel())}
 
 
+_HALF = ("fp16", "bf16")
+HALF_DTYPE_PENALTY = 1.0  # a class measured in the other 16-bit float type counts as one size step away
+
+
 def _distance(a: dict, b: dict) -> float:
-    """inf unless the categorical features agree; else the summed |log2 difference|."""
+    """inf unless the categorical features agree; else the summed |log2 difference|. fp16 and
+    bf16 run the same kernels at the same speed, so where only the other one was measured its
+    classes still count, one step further away."""
     d = 0.0
     for name, value in a.items():
         other = b.get(name)
@@ -103,6 +109,9 @@ def _distance(a: dict, b: dict) -> float:
                 return math.inf
             d += abs(float(value) - float(other))
         elif other != value:
+            if name == "dtype" and value in _HALF and other in _HALF:
+                d += HALF_DTYPE_PENALTY
+                continue
             return math.inf
     return d
 

@@ -233,14 +233,19 @@ def run_tune(quick: bool = False, device: Optional[str] = None, ops: Sequence[st
     say(f"flashdiff tune on {ident['name']} (torch {torch.__version__}); "
         f"{'quick' if quick else 'full'}, dtypes {', '.join(dtypes)}")
     g = torch.Generator(device=dev).manual_seed(0)
-    for op in ops:
-        if op not in TUNE_OPS:
-            raise ValueError(f"op must be one of {TUNE_OPS}, got {op!r}")
+    bad = [op for op in ops if op not in TUNE_OPS]
+    if bad:
+        raise ValueError(f"op must be one of {TUNE_OPS}, got {bad}")
+    for i, op in enumerate(ops):
         entries = table["entries"].setdefault(op, [])
         say(f"{op}:")
+        deadline = math.inf  # each op gets a fair share of what is left of the budget
+        if time_budget_s is not None:
+            left = time_budget_s - (time.perf_counter() - t0)
+            deadline = time.perf_counter() + left / (len(ops) - i)
         for dt in dtypes:
             for label, make in shape_classes(op, quick, dev.type, presets, batches):
-                if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+                if time.perf_counter() > deadline:
                     table.setdefault("skipped", []).append(f"{op} {label} {dt}: time budget spent")
                     continue
                 try:

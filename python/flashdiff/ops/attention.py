@@ -136,14 +136,22 @@ def _sdpa_variant(sdpa_backend_name: str):
     """torch's SDPA with one of its kernels tried first (a dispatch table picks it per shape
     class: torch's own default order is not always the fastest, e.g. cuDNN on Hopper). The
     rest stay behind it, so inputs the kernel cannot take still run."""
+    import inspect
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [getattr(SDPBackend, n) for n in (sdpa_backend_name, "FLASH_ATTENTION", "CUDNN_ATTENTION",
                                                  "EFFICIENT_ATTENTION", "MATH") if hasattr(SDPBackend, n)]
     order = list(dict.fromkeys(order))
+    # set_priority (torch >= 2.6) makes the list an order; without it, only the kernel itself
+    # is allowed (then inputs it cannot take raise, and tune records that as a failure).
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        context = lambda: sdpa_kernel(order, set_priority=True)  # noqa: E731
+    else:
+        context = lambda: sdpa_kernel(order[:1])  # noqa: E731
 
     def fwd(q, k, v, attn_mask, scale):
-        with sdpa_kernel(order, set_priority=True):
+        with context():
             o = _torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
         return _zero_rows_without_keys(o, attn_mask), _no_lse(q)
 
