@@ -2,7 +2,7 @@
 
 `INTERPRET` is read once, at import: triton itself reads TRITON_INTERPRET when a kernel is
 decorated, so the flag and the kernels agree only if the variable is set before the first
-import of triton (shared/TOOLCHAIN.md).
+import of triton (docs/internals.md, "Toolchain facts").
 """
 from __future__ import annotations
 
