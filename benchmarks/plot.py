@@ -56,7 +56,8 @@ def _case_label(s: dict) -> str:
 # ------------------------------------------------------------------ README table
 def readme_table(results: List[tuple]) -> str:
     """Markdown: per results file, a heading naming card, date and commit, then per case the
-    fastest flashdiff backend against the best baseline of the same run."""
+    fastest flashdiff backend against the best baseline of the same run, and the auto row (what
+    a user gets by default; "—" in files from before it existed) against the same baseline."""
     lines = []
     for path, r in results:
         meta = r.get("meta", {})
@@ -69,8 +70,8 @@ def readme_table(results: List[tuple]) -> str:
                   f"{c.get('copy_gbps', 0):.0f} GB/s, {c.get('matmul_dtype')} matmul "
                   f"{c.get('matmul_tflops', 0):.3g} TFLOP/s.",
                   "",
-                  "| op | shape | dtype | flashdiff | median | rate | of ceiling | best baseline | speedup |",
-                  "|---|---|---|---|---:|---:|---:|---|---:|"]
+                  "| op | shape | dtype | flashdiff | median | rate | of ceiling | best baseline | speedup | auto |",
+                  "|---|---|---|---|---:|---:|---:|---|---:|---:|"]
         rows = summary_rows(r)
         rows.sort(key=lambda s: (OP_ORDER.index(s["op"]) if s["op"] in OP_ORDER else 99))
         for s in rows:
@@ -81,7 +82,8 @@ def readme_table(results: List[tuple]) -> str:
                 f"| {s['op']} | {s['shape']} ({s['preset']}) | {s['dtype']} | {s['backend']} | "
                 f"{s['median_ms']:.4g} ms | {s['value']:.4g} {s['metric']} | "
                 f"{'%.0f%%' % (100 * frac) if frac is not None else '—'} | "
-                f"{s['baseline'] or '—'} | {'%.2f×' % s['speedup'] if s['speedup'] is not None else '—'} |")
+                f"{s['baseline'] or '—'} | {'%.2f×' % s['speedup'] if s['speedup'] is not None else '—'} | "
+                f"{'%.2f×' % s['auto_speedup'] if s.get('auto_speedup') is not None else '—'} |")
         lines.append("")
     return "\n".join(lines)
 
