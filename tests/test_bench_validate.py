@@ -193,3 +193,100 @@ def test_device_run_fails_fast_without_a_gpu(tmp_path):
     assert proc.returncode == 3
     assert "no NVIDIA GPU" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ e2e
+# Tiny stand-ins of the e2e-gpu models: same classes and code paths, CPU-sized configs.
+TINY_SD_UNET = (("block_out_channels", (32, 64)), ("down_block_types", ("CrossAttnDownBlock2D", "DownBlock2D")),
+                ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D")), ("layers_per_block", 1),
+                ("cross_attention_dim", 32), ("norm_num_groups", 8), ("sample_size", 8))
+TINY_DIT = (("input_size", 8), ("hidden_size", 64), ("depth", 2), ("num_heads", 2))
+
+
+def _e2e_records(s: "presets.SamplingCase", compiler=None):
+    case = bench.e2e_cases("e2e-test", s.batch, s, torch.float32, "cpu", bench.flashdiff_backends("cpu"),
+                           compiler or bench._Compiler(False, "default", 0.0))
+    records = bench._run_case(case, "cpu", bench.BenchOptions(quick=True), {}, lambda msg: None)
+    # The runner adds record_fields (steps, per_step_ms) where it calls that hook; else here.
+    return [{**case.record_fields(r), **r} if "median_ms" in r else r for r in records]
+
+
+@pytest.mark.parametrize("model, overrides, label", [("SD1.5-UNet", TINY_SD_UNET, "tiny SD1.5 UNet"),
+                                                     ("DiT-XL/2", TINY_DIT, "tiny DiT-XL/2")])
+def test_e2e_case_times_the_four_rows(model, overrides, label):
+    if model in bench.e2e.DIFFUSERS_MODELS:
+        pytest.importorskip("diffusers")
+    s = presets.SamplingCase(model, 2, steps=2, label=label, overrides=overrides)
+    records = _e2e_records(s)
+    assert [r["backend"] for r in records] == list(presets.E2E_ROWS)
+    by_row = {r["backend"]: r for r in records}
+    for r in records:
+        assert r["op"] == "e2e" and r["case"] == label and r["batch"] == 2 and r["dtype"] == "fp32"
+        assert r["metric"] == "images/s" and r["shape"] == str(s)
+    assert "need a GPU" in by_row["flashdiff patch+graph"]["skipped"]
+    assert "torch.compile" in by_row["torch.compile"]["skipped"]  # compile is off in this test
+    eager = by_row["torch eager"]
+    assert eager["role"] == "baseline" and eager["steps"] == 2
+    assert eager["per_step_ms"] == pytest.approx(eager["median_ms"] / 2)
+    assert eager["value"] == pytest.approx(2 / (eager["median_ms"] * 1e-3))
+    patch = by_row["flashdiff patch"]
+    if flashdiff.backend_status()["cpu"] is None:
+        assert patch["role"] == "flashdiff" and patch["per_step_ms"] > 0
+        assert patch["best_baseline"] == "torch eager" and patch["speedup_vs_best_baseline"] > 0
+    else:
+        assert "no fused backend" in patch["skipped"]
+
+
+def test_e2e_patch_switches_the_diffusers_model_back_and_forth():
+    pytest.importorskip("diffusers")
+    from flashdiff.patching import FlashGroupNorm
+
+    module = bench.load_model("SD1.5-UNet", "cpu", torch.float32, TINY_SD_UNET)
+    net = bench.e2e._DiffusersNet.build(module, 1, torch.Generator().manual_seed(0))
+    assert net.latent == (4, 8, 8) and net.cond.shape == (2, bench.e2e.CONTEXT_TOKENS, 32)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 10])
+    with torch.inference_mode():
+        eager = net(x, t)
+        net.use("patch")
+        net.use("patch")  # idempotent: a second row on the same model
+        assert any(isinstance(m, FlashGroupNorm) for m in module.modules())
+        torch.testing.assert_close(net(x, t), eager, rtol=1e-3, atol=1e-4)
+        net.use("eager")
+        assert not any(isinstance(m, FlashGroupNorm) for m in module.modules())
+        torch.testing.assert_close(net(x, t), eager, rtol=0, atol=0)
+
+
+def test_e2e_gpu_preset_runs_the_compile_rows_last():
+    cases = presets.expand(["e2e-gpu"], "e2e")
+    rows = [(b, s.label, s.rows) for _, b, s in cases]
+    compile_at = [i for i, (_, _, r) in enumerate(rows) if r == ("torch.compile",)]
+    assert len(rows) == 8 and compile_at == [4, 5, 6, 7]
+    assert {b for b, _, _ in rows} == {1, 8}
+    assert [b for b, _, _ in rows[4:]] == [8, 8, 1, 1]  # batch 8's compiles first
+    assert {label for _, label, _ in rows} == {"DiT-XL/2 256px", "SD1.5 UNet 512px"}
+    for _, b, s in cases:
+        assert s.steps == 10 and s.batch == b and set(s.rows) <= set(presets.E2E_ROWS)
+        assert s.compile_mode == ("default" if s.rows == ("torch.compile",) else None)
+    for _, _, s in cases[:4]:
+        assert set(s.rows) == set(presets.E2E_ROWS) - {"torch.compile"}
+    assert bench.e2e.DIFFUSERS_MODELS["SD1.5-UNet"][1]["cross_attention_dim"] == 768
+    assert presets.E2E_PRESET == {"cuda": "e2e-gpu", "cpu": "cpu"}
+
+
+def test_e2e_compile_stops_before_it_would_overrun_the_budget():
+    compiler = bench._Compiler(True, "default", 60.0)
+    compiler.times["e2e earlier model b8 bf16 (default)"] = 40.0
+    compiler.spent_s = 40.0
+    s = presets.SamplingCase("DiT-XL/2", 1, steps=1, overrides=TINY_DIT, rows=("torch.compile",))
+    (rec,) = _e2e_records(s, compiler)
+    assert rec["backend"] == "torch.compile" and "compile budget of 60 s" in rec["skipped"]
+
+
+def test_bench_e2e_flag_runs_the_e2e_op_alone(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    rc = _cli(["bench", "--e2e", "--quick", "--preset", "tiny", "--device", "cpu", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    data = json.loads(out.read_text())
+    assert data["meta"]["ops"] == ["e2e"] and {r["op"] for r in data["results"]} == {"e2e"}
+    assert {r["backend"] for r in data["results"]} == set(presets.E2E_ROWS)
+    assert _cli(["bench", "--e2e", "--op", "attention", "--device", "cpu"]) == 2

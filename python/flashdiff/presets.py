@@ -20,6 +20,10 @@ Where the numbers come from:
               16-channel 128×128 latents, flow-matching Euler step without CFG (guidance-distilled).
   e2e         50-step DDIM+CFG sampling with the compact DiT-S/2, DiT-B/2 and UNet-S of
               flashdiff.models at 32×32×4 latents, batch 1 and 8.
+  e2e-gpu     10-step DDIM+CFG sampling of the real architectures, random weights: flashdiff's
+              DiT-XL/2 at 256 px (32×32×4 latents, 1000 classes + the null class) and diffusers'
+              UNet2DConditionModel with SD 1.5's config at 512 px (64×64×4 latents, 77×768 text
+              context), batch 1 and 8. ~150 s on an H200 with its torch.compile rows (see _e2e_gpu).
   cpu         the CPU bars of the foundation issue (norm [2,320,64,64], [1,640,32,32],
               [2,1280,16,16]; DDIM+CFG on [2,4,64,64] and [8,4,128,128]), small attention, and
               50-step sampling of the 8×8 digit models (DiT-S/2 takes seconds per step there).
@@ -27,8 +31,8 @@ Where the numbers come from:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
 # ------------------------------------------------------------------ shape records
@@ -79,16 +83,27 @@ class StepShape:
         return f"{list(self.shape)} {self.family}" + ("+cfg" if self.cfg else "")
 
 
+E2E_ROWS = ("torch eager", "torch.compile", "flashdiff patch", "flashdiff patch+graph")
+
+
 @dataclass(frozen=True)
 class SamplingCase:
-    """End-to-end sampling: `steps` DDIM steps with classifier-free guidance of a compact model
-    from flashdiff.models (a key of DiT_models or UNet_models), randomly initialised, at its
-    own latent size (DiT-S/2, DiT-B/2 and UNet-S: 32×32×4)."""
+    """End-to-end sampling: `steps` DDIM steps with classifier-free guidance of a randomly
+    initialised model at its own latent size. `model`: a key of flashdiff.models' DiT_models or
+    UNet_models, or of bench.e2e.DIFFUSERS_MODELS (a diffusers class and config, e.g.
+    "SD1.5-UNet"); `overrides` change its config (tiny test models). `rows`: the rows of
+    E2E_ROWS to time (empty: all). `phase`: presets.expand lists the cases of a later phase
+    after every batch's cases of an earlier one (the long torch.compile rows go last, so a time
+    budget skips them first). `compile_mode`: the torch.compile mode of this case (None: the run's)."""
     model: str
     batch: int
     steps: int = 50
     guidance: float = 4.0
     label: str = ""
+    overrides: Tuple[Tuple[str, Any], ...] = ()
+    rows: Tuple[str, ...] = ()
+    phase: int = 0
+    compile_mode: Optional[str] = None
 
     def __str__(self) -> str:
         return f"{self.model} b{self.batch} {self.steps} steps"
@@ -191,6 +206,29 @@ _add(Preset(
     _e2e=lambda b: ([SamplingCase("DiT-S/2", b), SamplingCase("DiT-B/2", b), SamplingCase("UNet-S", b)]
                     if b > 1 else [SamplingCase("DiT-S/2", b)]),
 ))
+
+
+def _e2e_gpu(b: int) -> List[SamplingCase]:
+    """Phase 0: the eager, patch and patch+graph rows of both models (seconds each). Then the
+    torch.compile rows, mode "default" (max-autotune of a whole model takes many minutes):
+    batch 8 first (phase 1: a compiled model is the strongest baseline at throughput), then
+    batch 1 (phase 2); the SD 1.5 U-Net first (diffusers + torch.compile is the common setup).
+    Expected on an H200: ~35 s for phase 0 (models built on the GPU, ~7 sampling runs per row);
+    a compile takes ~40-70 s on 16 cores, and e2e starts one only while the compile budget
+    has room for another as long as the longest so far: with --compile-budget 75, one (two
+    when the first took under ~37 s). ~110-150 s in all, ceilings and imports included."""
+    dit = SamplingCase("DiT-XL/2", b, steps=10, guidance=4.0, label="DiT-XL/2 256px")
+    unet = SamplingCase("SD1.5-UNet", b, steps=10, guidance=7.5, label="SD1.5 UNet 512px")
+    eager_rows = tuple(r for r in E2E_ROWS if r != "torch.compile")
+    return ([replace(c, rows=eager_rows) for c in (dit, unet)] +
+            [replace(c, rows=("torch.compile",), phase=1 if b > 1 else 2, compile_mode="default")
+             for c in (unet, dit)])
+
+
+_add(Preset(
+    "e2e-gpu", "10-step DDIM+CFG sampling: DiT-XL/2 256 px, SD 1.5 U-Net 512 px (random weights)", "cuda",
+    (1, 8), _e2e=_e2e_gpu,
+))
 _add(Preset(
     "cpu", "the foundation issue's CPU bars at SD shapes, small attention, digit-model sampling", "cpu", (1,),
     _attention=lambda b: _cpu_attention(b),
@@ -217,6 +255,8 @@ _add(Preset(
 
 MODEL_PRESETS = ("sd15", "sdxl", "dit-xl-256", "dit-xl-512", "flux-1024")
 OPS = ("attention", "group_norm", "scheduler", "e2e")
+# `flashdiff bench --e2e`: the end-to-end preset of each device.
+E2E_PRESET = {"cuda": "e2e-gpu", "cpu": "cpu"}
 
 
 def get(name: str) -> Preset:
@@ -243,7 +283,8 @@ def expand(preset_names: Sequence[str], op: str, batches: Optional[Sequence[int]
         for b in (batches or p.batches):
             for case in p.cases(op, b):
                 out.append((name, b, case))
-    return out
+    # Stable: a later phase (e2e: the torch.compile rows) after every batch of an earlier one.
+    return sorted(out, key=lambda item: getattr(item[2], "phase", 0))
 
 
 def describe() -> str:

@@ -1,8 +1,26 @@
-"""End-to-end sampling: 50-step DDIM + CFG with a compact flashdiff model, eager reference vs
-fused vs fused + CUDA graph vs torch.compile of the reference (images/s)."""
+"""End-to-end sampling: whole DDIM + CFG sampling runs of real architectures with random
+weights (timing does not depend on the weights), timed as a total, per step and in images/s,
+in the four rows of presets.E2E_ROWS:
+
+    torch eager            the model as its library builds it (diffusers: its SDPA attention
+                           processors; flashdiff models: the "torch" backend), the DDIM step in
+                           torch ops
+    torch.compile          torch.compile of that model's forward (compile time reported apart),
+                           the same loop
+    flashdiff patch        diffusers: flashdiff.patch(model); flashdiff models: auto dispatch;
+                           the step is the fused flashdiff.scheduler_update over a precomputed
+                           coefficient table
+    flashdiff patch+graph  the patched model with the whole loop captured in one CUDA graph and
+                           replayed (CUDA only)
+
+Models: flashdiff.models' DiT_models and UNet_models (class-conditional; the null class is the
+unconditional half) and DIFFUSERS_MODELS (SD 1.5's UNet2DConditionModel; random 77-token text
+contexts for both halves), built from their configs directly on the device.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -10,28 +28,66 @@ from .. import presets as P
 from .cases import ddim_cfg_eager
 from .core import DTYPE_NAME, Case, Row, Skip, _Compiler, _first_line
 
-def load_model(name: str, device: str, dtype: torch.dtype):
-    """A compact model of flashdiff.models by config name (a key of DiT_models or UNet_models;
-    "UNet-S" is built class-conditional on 32×32×4 latents like the DiTs), randomly initialised
-    (timing does not depend on the weights), in eval mode. Raises Skip when it is missing."""
+# The flashdiff models' "torch eager" row runs this backend: torch's own fastest path (SDPA,
+# F.group_norm, ...), what the same model would run without flashdiff.
+EAGER_BACKEND = "torch"
+
+# diffusers models by name: (class name, config). SD 1.5's U-Net is diffusers' default
+# UNet2DConditionModel but for the text width (768, CLIP ViT-L; the default is 1280).
+DIFFUSERS_MODELS = {
+    "SD1.5-UNet": ("UNet2DConditionModel", dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8)),
+}
+CONTEXT_TOKENS = 77  # CLIP's text length: the cross-attention context of the diffusers U-Nets
+
+
+def eager_backend() -> str:
+    """EAGER_BACKEND, or "reference" in a flashdiff that does not have it (yet)."""
+    from ..backends import BACKENDS
+
+    return EAGER_BACKEND if EAGER_BACKEND in BACKENDS else "reference"
+
+
+def load_model(name: str, device: str, dtype: torch.dtype, overrides: Sequence = ()) -> torch.nn.Module:
+    """A model by name (a key of flashdiff.models' DiT_models or UNet_models, or of
+    DIFFUSERS_MODELS; "UNet-S" is built class-conditional on 32×32×4 latents like the DiTs),
+    config changed by `overrides` ((key, value) pairs), randomly initialised on `device`, in
+    eval mode. Raises Skip when the model or its library is missing."""
     try:
         from ..models import DiT_models, UNet_models
     except ImportError as err:
         raise Skip(f"flashdiff.models is not available ({err})") from None
+    kw = dict(overrides)
     if name in DiT_models:
-        model = DiT_models[name]()
+        build = lambda: DiT_models[name](**kw)  # noqa: E731
     elif name == "UNet-S":
-        model = UNet_models[name](in_channels=4, sample_size=32, num_classes=1000)
+        build = lambda: UNet_models[name](**{"in_channels": 4, "sample_size": 32, "num_classes": 1000, **kw})  # noqa: E731
     elif name in UNet_models:
-        model = UNet_models[name]()
+        build = lambda: UNet_models[name](**kw)  # noqa: E731
+    elif name in DIFFUSERS_MODELS:
+        try:
+            import diffusers
+        except ImportError as err:
+            raise Skip(f"diffusers is not installed ({err})") from None
+        cls_name, config = DIFFUSERS_MODELS[name]
+        build = lambda: getattr(diffusers, cls_name)(**{**config, **kw})  # noqa: E731
     else:
         raise Skip(f"no model {name!r} in flashdiff.models (DiT_models: {sorted(DiT_models)}, "
-                   f"UNet_models: {sorted(UNet_models)})")
-    return model.to(device=device, dtype=dtype).eval()
+                   f"UNet_models: {sorted(UNet_models)}) or DIFFUSERS_MODELS ({sorted(DIFFUSERS_MODELS)})")
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: ~1e9 parameters take a minute on a CPU
+        model = build()
+    # diffusers' to() warns at every dtype cast, even when no module is to be kept in fp32
+    cast = model.to if getattr(model, "_keep_in_fp32_modules", None) else torch.nn.Module.to.__get__(model)
+    return cast(dtype=dtype).eval()
 
 
 def set_model_backend(model: torch.nn.Module, backend: Optional[str]) -> None:
-    """Switch a flashdiff model between the fused ops (None = auto) and the reference."""
+    """Switch a flashdiff model between the fused ops (None = auto) and a named backend."""
     from ..nn import set_backend
 
     set_backend(model, backend)
@@ -56,21 +112,119 @@ def _ddim_schedule(steps: int, train_steps: int = 1000):
     return ts, a_t, a_prev
 
 
+# ------------------------------------------------------------------ models as the loop drives them
+class _Net:
+    """A model with its conditioning for the doubled (conditional, unconditional) batch:
+    net(x, t) is the noise prediction; use("eager" | "patch") switches between the model as
+    its library builds it and the flashdiff form."""
+
+    def __init__(self, module: torch.nn.Module, cond: torch.Tensor, latent):
+        self.module, self.cond, self.latent = module, cond, latent  # latent: (C, H, W)
+
+
+class _FlashdiffNet(_Net):
+    """A flashdiff.models model: class labels, the null class for the unconditional half."""
+
+    @classmethod
+    def build(cls, module, batch: int, g: torch.Generator):
+        null = module.num_classes
+        y = torch.randint(0, null, (batch,), device=g.device, generator=g)
+        C, size = module.config.in_channels, module.sample_size
+        return cls(module, torch.cat([y, torch.full_like(y, null)]), (C, size, size))
+
+    def __call__(self, x, t):
+        return _model_call(self.module, x, t, self.cond)
+
+    def use(self, mode: str) -> None:
+        set_model_backend(self.module, eager_backend() if mode == "eager" else None)
+
+
+class _DiffusersNet(_Net):
+    """A diffusers U-Net: text contexts of random numbers (an empty prompt's is not special)."""
+    patched = False
+
+    @classmethod
+    def build(cls, module, batch: int, g: torch.Generator):
+        cfg = module.config
+        ctx = torch.randn(2 * batch, CONTEXT_TOKENS, cfg.cross_attention_dim, device=g.device, generator=g)
+        return cls(module, ctx.to(module.dtype), (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+
+    def __call__(self, x, t):
+        return self.module(x, t, encoder_hidden_states=self.cond, return_dict=False)[0]
+
+    def use(self, mode: str) -> None:
+        import flashdiff
+
+        if mode == "patch" and not self.patched:
+            flashdiff.patch(self.module)
+        elif mode == "eager" and self.patched:
+            flashdiff.unpatch(self.module)
+        self.patched = mode == "patch"
+
+
+def _compile_refusal(compiler: _Compiler) -> Optional[str]:
+    """Why an e2e compile is not started now (None: it is). The budget alone stops new
+    compiles only once spent, and one more whole-model compile (~a minute) would overrun a
+    run's time: one starts only while the budget has room for one as long as the longest so far."""
+    if not compiler.enabled:
+        return "torch.compile baselines are off (--compile turns them on)"
+    done = [t for k, t in compiler.times.items() if k.startswith("e2e ")]
+    if compiler.spent_s >= compiler.budget_s or done and compiler.spent_s + max(done) > compiler.budget_s:
+        return (f"compile budget of {compiler.budget_s:.0f} s: {compiler.spent_s:.0f} s spent"
+                + (f", and an e2e compile took up to {max(done):.0f} s here" if done else ""))
+    return None
+
+
+def _compile(compiler: _Compiler, key: str, fn, warm, mode: Optional[str]):
+    """compiler.compile in `mode` (None: the run's); returns the compiled fn and its compile
+    time (s)."""
+    why = _compile_refusal(compiler)
+    if why:
+        raise Skip(why)
+    saved = compiler.mode
+    compiler.mode = mode or saved
+    key = f"{key} ({compiler.mode})"
+    try:
+        return compiler.compile(key, fn, warm), compiler.times[key]
+    finally:
+        compiler.mode = saved
+
+
+# ------------------------------------------------------------------ the case
+@dataclass
+class SamplingRun(Case):
+    """An e2e case: each timed call is a whole sampling run of `steps` steps."""
+    steps: int = 1
+    compile_s: Dict[str, float] = field(default_factory=dict)  # row name -> its compile time
+
+    def record_fields(self, record: dict) -> dict:
+        """What a timed record of this case adds: the steps, the time per step (ms) and, for
+        the torch.compile row, its compile time (s; not in the timings)."""
+        out = {"steps": self.steps, "per_step_ms": record["median_ms"] / self.steps}
+        if record["backend"] in self.compile_s:
+            out["compile_s"] = self.compile_s[record["backend"]]
+        return out
+
+
 def e2e_cases(preset: str, batch: int, s: P.SamplingCase, dtype: torch.dtype, device: str,
-              backends: Sequence[str], compiler: _Compiler) -> Case:
+              backends: Sequence[str], compiler: _Compiler) -> SamplingRun:
     import flashdiff
 
+    label = s.label or s.model
+
     def setup():
-        model = load_model(s.model, device, dtype)
-        C, size = model.config.in_channels, model.sample_size
-        null = model.num_classes  # label num_classes is the null (unconditional) class
+        if s.rows == ("torch.compile",):  # a compile-only case: refused before building the model
+            why = _compile_refusal(compiler)
+            if why:
+                raise Skip(why)
+        module = load_model(s.model, device, dtype, s.overrides)
         g = torch.Generator(device=device).manual_seed(0)
+        kind = _DiffusersNet if s.model in DIFFUSERS_MODELS else _FlashdiffNet
+        net = kind.build(module, s.batch, g)
         ts, a_t, a_prev = _ddim_schedule(s.steps)
-        y = torch.randint(0, null, (s.batch,), device=device, generator=g)
         return {
-            "model": model,
-            "x_T": torch.randn(s.batch, C, size, size, device=device, generator=g).to(dtype),
-            "y": torch.cat([y, torch.full_like(y, null)]),  # conditional half, unconditional half
+            "net": net,
+            "x_T": torch.randn(s.batch, *net.latent, device=device, generator=g).to(dtype),
             "t": ts.to(device),
             "a": list(zip(a_t.tolist(), a_prev.tolist())),
             "coefs": flashdiff.ddim_coefs(a_t.to(device), a_prev.to(device), guidance_scale=s.guidance),
@@ -78,10 +232,9 @@ def e2e_cases(preset: str, batch: int, s: P.SamplingCase, dtype: torch.dtype, de
 
     def sample(inp, forward, fused: bool, x=None):
         x = inp["x_T"] if x is None else x
-        y, tt, coefs = inp["y"], inp["t"], inp["coefs"]
+        tt, coefs = inp["t"], inp["coefs"]
         for i in range(s.steps):
-            t = tt[i].expand(2 * s.batch)
-            out = forward(torch.cat([x, x]), t, y)
+            out = forward(torch.cat([x, x]), tt[i].expand(2 * s.batch))
             cond, uncond = out.chunk(2)
             if fused:
                 x = flashdiff.scheduler_update(x, cond, coefs[i], uncond)
@@ -89,51 +242,57 @@ def e2e_cases(preset: str, batch: int, s: P.SamplingCase, dtype: torch.dtype, de
                 x = ddim_cfg_eager(x, cond, uncond, *inp["a"][i], s.guidance)
         return x
 
-    def with_backend(inp, backend):
-        set_model_backend(inp["model"], backend)
-        return lambda x, t, y: _model_call(inp["model"], x, t, y)
+    def eager_net(inp):
+        inp["net"].use("eager")
+        return inp["net"]
 
-    def make_reference(inp):
-        fwd = with_backend(inp, "reference")
-        return lambda: sample(inp, fwd, fused=False)
-
-    def make_fused(inp):
+    def patched_net(inp):
         if device == "cpu" and "cpu" not in backends or device == "cuda" and not backends:
             raise Skip("no fused backend available here")
-        fwd = with_backend(inp, None)
-        return lambda: sample(inp, fwd, fused=True)
+        inp["net"].use("patch")
+        return inp["net"]
+
+    def make_eager(inp):
+        net = eager_net(inp)
+        return lambda: sample(inp, net, fused=False)
+
+    def make_compiled(inp):
+        net = eager_net(inp)
+        x2, t2 = torch.cat([inp["x_T"]] * 2), inp["t"][0].expand(2 * s.batch)
+        compiled, case.compile_s["torch.compile"] = _compile(
+            compiler, f"e2e {label} b{s.batch} {DTYPE_NAME[dtype]}", lambda x, t: net(x, t),
+            lambda f: (f(x2, t2), f(x2, t2)), s.compile_mode)
+        return lambda: sample(inp, compiled, fused=False)
+
+    def make_patch(inp):
+        net = patched_net(inp)
+        return lambda: sample(inp, net, fused=True)
 
     def make_graph(inp):
         if device != "cuda":
             raise Skip("CUDA graphs need a GPU")
-        fwd = with_backend(inp, None)
+        net = patched_net(inp)
         static_x = inp["x_T"].clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # autotune and allocate outside the capture
-                sample(inp, fwd, True, static_x)
+                sample(inp, net, True, static_x)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                inp["graph_out"] = sample(inp, fwd, True, static_x)
+                inp["graph_out"] = sample(inp, net, True, static_x)
         except Exception as err:  # noqa: BLE001 - capture failures are results too
             raise Skip(f"CUDA graph capture failed: {_first_line(err)}")
         return graph.replay
 
-    def make_compiled(inp):
-        set_model_backend(inp["model"], "reference")
-        model = inp["model"]
-        fwd = lambda x, t, y: _model_call(model, x, t, y)  # noqa: E731
-        x2, t2 = torch.cat([inp["x_T"]] * 2), inp["t"][0].expand(2 * s.batch)
-        compiled = compiler.compile(f"e2e {s}", fwd, lambda f: (f(x2, t2, inp["y"]), f(x2, t2, inp["y"])))
-        return lambda: sample(inp, compiled, fused=False)
-
-    rows = [Row("fused", "flashdiff", make_fused),
-            Row("fused + CUDA graph", "flashdiff", make_graph),
-            Row("eager reference", "baseline", make_reference)]
-    if compiler.enabled:
-        rows.append(Row("torch.compile(ref)", "baseline", make_compiled))
-    return Case("e2e", preset, batch, s.label or s.model, str(s), DTYPE_NAME[dtype], "images/s",
-                s.batch, setup, rows, reps=2 if device == "cpu" else 5)
+    makers = {"torch eager": ("baseline", make_eager), "torch.compile": ("baseline", make_compiled),
+              "flashdiff patch": ("flashdiff", make_patch), "flashdiff patch+graph": ("flashdiff", make_graph)}
+    unknown = set(s.rows) - set(makers)
+    if unknown:
+        raise ValueError(f"e2e rows must be among {P.E2E_ROWS}, got {sorted(unknown)}")
+    rows = [Row(name, *makers[name]) for name in (s.rows or P.E2E_ROWS)]
+    case = SamplingRun("e2e", preset, batch, label, str(s), DTYPE_NAME[dtype], "images/s", s.batch,
+                       setup, rows, reps=2 if device == "cpu" else 5, steps=s.steps)
+    return case

@@ -3,6 +3,7 @@
     flashdiff validate [--backend cpu ...] [--op attention ...] [--cases N] [--seed S] [--json FILE]
     flashdiff bench [--quick] [--op attention|group_norm|scheduler|e2e ...] [--preset sd15 ...]
                     [--batch 1 8] [--dtype bf16 ...] [--backend triton ...] [--json FILE]
+    flashdiff bench --e2e [--time-budget S] [--json FILE]     # whole sampling runs only
 
 Also runnable alone: python -m flashdiff.commands.bench_validate bench --quick
 """
@@ -80,6 +81,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "step) on shape presets named after real models. On a CPU it runs the CPU preset.")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes on 2 CPU cores)")
     p.add_argument("--op", nargs="+", action="extend", metavar="OP", help=f"op families ({', '.join(OPS)}; default all)")
+    p.add_argument("--e2e", action="store_true",
+                   help="whole sampling runs only: --op e2e with the device's e2e preset (GPU: e2e-gpu, "
+                        "DiT-XL/2 256 px and the SD 1.5 U-Net 512 px, batch 1 and 8, ~150 s on an H200 with "
+                        "--compile-budget 75; CPU: the digit models of the cpu preset)")
     p.add_argument("--preset", nargs="+", action="extend", metavar="NAME",
                    help=f"shape presets ({', '.join(PRESETS)}; default: the device's)")
     p.add_argument("--batch", nargs="+", action="extend", type=int, metavar="N",
@@ -116,15 +121,26 @@ def bench_main(args) -> int:
         print(presets.describe())
         return 0
     ops = _split(args.op) or list(presets.OPS)
+    preset_names = _split(args.preset)
+    if args.e2e:
+        if args.op and ops != ["e2e"]:
+            print(f"flashdiff bench: --e2e runs the e2e op alone; drop --op {' '.join(ops)}", file=sys.stderr)
+            return 2
+        ops = ["e2e"]
+        if not preset_names:
+            import torch
+
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            preset_names = [presets.E2E_PRESET[device]]
     bad = [o for o in ops if o not in presets.OPS]
-    bad_presets = [n for n in (_split(args.preset) or []) if n not in presets.PRESETS]
+    bad_presets = [n for n in (preset_names or []) if n not in presets.PRESETS]
     if bad or bad_presets:
         print(f"flashdiff bench: unknown --op {bad} (choose from {', '.join(presets.OPS)})" if bad else
               f"flashdiff bench: unknown --preset {bad_presets} (choose from {', '.join(presets.PRESETS)})",
               file=sys.stderr)
         return 2
     opts = bench.BenchOptions(
-        ops=ops, presets=_split(args.preset), batches=args.batch, dtypes=_split(args.dtype),
+        ops=ops, presets=preset_names, batches=args.batch, dtypes=_split(args.dtype),
         device=args.device, backends=_split(args.backend), quick=args.quick, compile=args.compile,
         compile_mode=args.compile_mode, compile_budget_s=args.compile_budget,
         time_budget_s=args.time_budget, check=not args.no_check, json_path=args.json)
