@@ -154,3 +154,17 @@ def test_half_precision_classes_stand_in_for_each_other_but_fp32_never(fake_gpu)
     assert choice.backend == "torch" and "distance 1.00" in choice.source
     x32 = x16.float()
     assert "fallback rule" in flashdiff.explain("scheduler_update", x32, x32, coefs, x32).source
+
+
+def test_tracing_never_reads_a_table(fake_gpu, monkeypatch):
+    """torch.compile(fullgraph=True) traces the op's Python: the choice there is the rule, with
+    no file, lock or device query (which would break the graph)."""
+    def no_lookup(device):
+        raise AssertionError("table_for called while tracing")
+
+    x, m, coefs, u = _step_inputs((2, 4, 8, 8))
+    monkeypatch.setattr(dispatch_table, "table_for", no_lookup)
+    compiled = torch.compile(lambda x, m, u: flashdiff.scheduler_update(x, m, coefs, u), fullgraph=True)
+    y = compiled(x, m, u)
+    ref, _ = flashdiff.reference.scheduler_update(x, m, coefs, u)
+    torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-5)

@@ -178,11 +178,17 @@ class OpDispatch:
                                           f"these inputs: {why}")
             return Choice(self.name, backend, source="asked for explicitly")
         skipped: Dict[str, str] = {}
-        measured = self._choose_measured(device, inputs, skipped)
+        if torch.compiler.is_compiling():
+            # Tracing runs this Python once per graph: no table files, locks or device queries
+            # inside it (they would break fullgraph=True). A compiled model gets the rule.
+            measured, why_rule = None, "under torch.compile: the fallback rule (no table lookups while tracing)"
+        else:
+            measured = self._choose_measured(device, inputs, skipped)
+            why_rule = None
         if measured is not None:
             return measured
         order = dispatch_table.fallback_order(self.name, device.type)
-        why_rule = self._rule_reason(device)
+        why_rule = why_rule or self._rule_reason(device)
         for name in order:
             if name in skipped:
                 continue

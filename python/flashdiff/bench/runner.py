@@ -88,6 +88,8 @@ def _run_case(case: Case, device: str, opts: BenchOptions, ceilings: dict, say) 
                 torch.cuda.empty_cache()
             continue
         rec.update(asdict(t))
+        if hasattr(case, "record_fields"):  # e2e: steps, per-step time, compile time
+            rec.update(case.record_fields(rec))
         if "_row_note" in inp:
             rec["note"] = inp.pop("_row_note")
         rate = case.work / (t.median_ms * 1e-3)
