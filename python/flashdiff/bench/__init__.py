@@ -9,8 +9,10 @@ on the same inputs:
                  torch.compile of the reference, and a plain copy of x (the floor)
     scheduler    the eager torch expression of the step (DDIM + CFG: ~8 ops), diffusers'
                  scheduler step, torch.compile of the eager expression
-    e2e          50-step DDIM + CFG sampling: eager reference vs fused vs fused + CUDA graph vs
-                 torch.compile of the reference (images/s)
+    e2e          whole DDIM + CFG sampling runs (DiT-XL/2 256 px, the SD 1.5 U-Net; digit models
+                 on a CPU): torch eager, torch.compile, flashdiff patch, flashdiff patch+graph
+                 (the loop captured once, GPU); per-step time and images/s
+    auto rows    every op case also times backend=None: what a user gets by default
 
 Timing: warm-up first, then the median and the 20 %/80 % quantiles: triton.testing.do_bench on
 CUDA (it flushes L2 between calls), a time.perf_counter loop on the CPU. Ceilings are measured
