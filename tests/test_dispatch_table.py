@@ -168,3 +168,16 @@ def test_tracing_never_reads_a_table(fake_gpu, monkeypatch):
     y = compiled(x, m, u)
     ref, _ = flashdiff.reference.scheduler_update(x, m, coefs, u)
     torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_class_too_far_away_is_not_a_measurement(fake_gpu):
+    entry = _step_entry((2, 4, 64, 64), True, {"torch": 0.002, "cpu": 0.010})   # 2^15 elements
+    dispatch_table.set_table(*FAKE_GPU, dispatch_table.Table(_table({"scheduler_update": [entry]}), "test"))
+    coefs = flashdiff.ddim_coefs(0.5, 0.6, guidance_scale=3.0)
+    near = torch.randn(8, 4, 64, 64)      # 2 doublings away: the table speaks
+    far = torch.randn(16, 4, 64, 64)      # 3.0 away: still
+    farther = torch.randn(16, 4, 64, 80)  # > 3 away: the rule
+    assert flashdiff.explain("scheduler_update", near, near, coefs, near).backend == "torch"
+    assert flashdiff.explain("scheduler_update", far, far, coefs, far).backend == "torch"
+    choice = flashdiff.explain("scheduler_update", farther, farther, coefs, farther)
+    assert choice.backend == "cpu" and "no class" in choice.source

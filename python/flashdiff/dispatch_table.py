@@ -93,6 +93,9 @@ def scheduler_features(sample, model_output_uncond) -> dict:
             "log2_numel": _log2(sample.numel())}
 
 
+# Summed |log2| steps beyond which the nearest class no longer stands for the inputs (e.g.
+# three size doublings, or fp16 read from bf16 plus two doublings): the rule applies instead.
+MAX_DISTANCE = 3.0
 _HALF = ("fp16", "bf16")
 HALF_DTYPE_PENALTY = 1.0  # a class measured in the other 16-bit float type counts as one size step away
 
@@ -164,12 +167,14 @@ class Table:
         return tuple(self.data.get("device", {}).get("capability", (0, 0)))  # type: ignore[return-value]
 
     def lookup(self, op: str, features: dict) -> Optional[Lookup]:
+        """The nearest measured class, or None when even that is more than MAX_DISTANCE away
+        (a shape unlike anything measured is not guessed from a far-off class)."""
         best, best_d = None, math.inf
         for entry in self.entries.get(op, ()):
             d = _distance(features, entry["features"])
             if d < best_d:
                 best, best_d = entry, d
-        return None if best is None else Lookup(self, best, best_d)
+        return None if best is None or best_d > MAX_DISTANCE else Lookup(self, best, best_d)
 
     @classmethod
     def load(cls, path: str) -> "Table":

@@ -188,11 +188,16 @@ _add(Preset(
 _add(Preset(
     "dit-xl-256", "DiT-XL/2 at 256 px (32×32×4 latents, 256 tokens, 16 heads × 72)", "cuda", (1, 8),
     _attention=lambda b: [AttentionShape(b, 16, 256, 256, 72, "dit-xl/2 256px")],
+    # adaLN as the compact DiT runs it: LayerNorm lowered to group norm over [N·T, D, 1]
+    _group_norm=lambda b: [NormShape((b * 256, 1152, 1), groups=1, activation=None, modulate=True,
+                                     label="dit-xl/2 adaLN 256px")],
     _scheduler=lambda b: [StepShape((b, 4, 32, 32), "ddim", True, "dit-xl-256 ddim+cfg")],
 ))
 _add(Preset(
     "dit-xl-512", "DiT-XL/2 at 512 px (64×64×4 latents, 1024 tokens, 16 heads × 72)", "cuda", (1, 8),
     _attention=lambda b: [AttentionShape(b, 16, 1024, 1024, 72, "dit-xl/2 512px")],
+    _group_norm=lambda b: [NormShape((b * 1024, 1152, 1), groups=1, activation=None, modulate=True,
+                                     label="dit-xl/2 adaLN 512px")],
     _scheduler=lambda b: [StepShape((b, 4, 64, 64), "ddim", True, "dit-xl-512 ddim+cfg")],
 ))
 _add(Preset(
