@@ -123,3 +123,27 @@ def test_cuda_graph_matches_eager():
             out2 = graphed(x)  # replays reuse the captured loop
         torch.testing.assert_close(out1, eager, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out2, out1)
+
+
+@pytest.mark.gpu
+def test_sample_cuda_graph_is_cached_and_matches_eager():
+    """sample(cuda_graph=True) captures once per settings, replays after that, matches the eager
+    loop for samplers without per-step noise, and samples the `shape` it is given."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from flashdiff.sampling import _GRAPHS, clear_cuda_graphs
+
+    model = _tiny().cuda()
+    kw = dict(labels=list(range(10)), num_inference_steps=8, guidance_scale=3.0, progress=False, device="cuda")
+    try:
+        for sampler in ("ddim", "euler", "dpmpp"):  # deterministic once the initial noise is drawn
+            eager = sample(model, make_scheduler(sampler), generator=torch.Generator().manual_seed(0), **kw)
+            graphed = [sample(model, make_scheduler(sampler), generator=torch.Generator().manual_seed(0),
+                              cuda_graph=True, **kw) for _ in range(2)]
+            torch.testing.assert_close(graphed[0], eager, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(graphed[1], graphed[0])
+        assert len(_GRAPHS[model]) == 3  # the second call of each replayed the first one's graph
+        out = sample(model, make_scheduler("ddpm"), shape=(1, 16, 16), cuda_graph=True, **kw)
+        assert out.shape == (10, 1, 16, 16) and torch.isfinite(out).all()
+    finally:
+        clear_cuda_graphs(model)

@@ -9,12 +9,22 @@ interactive.
 
 The cond and uncond halves run as one batch of 2N through the model; the scheduler step takes
 both outputs and does guidance + update in one kernel (no host sync inside the loop).
+
+Capture safety (tests/test_capture_safety.py): once the scheduler's coefficient tables exist,
+a pass of the loop copies nothing from the host, reads no device value and builds no table,
+so it can be captured as a CUDA graph. The one exception is noise a stochastic sampler draws
+from a CPU `generator` for a device sample: diffusers draws it on the CPU, so each noisy step
+copies it over (a host->device copy per step, eager only). The graphed loop never does that:
+its noise comes from the device's default generator.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import sys
 import time
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
@@ -85,7 +95,9 @@ def _null_labels(model, labels):
 
 
 def _loop(model, scheduler, x, labels, guidance_scale, generator, eta, progress, adapter, context=None):
-    """The N steps on a fixed x buffer (used eagerly and inside a CUDA graph capture)."""
+    """The N steps from x on a scheduler whose timesteps are set (used eagerly and inside a
+    CUDA graph capture). `generator` draws the noise of stochastic samplers (None = the
+    device's default generator; a CPU one for a device sample copies each step's noise)."""
     cfg = guidance_scale is not None and guidance_scale != 1.0
     y = torch.cat([labels, _null_labels(model, labels)]) if cfg else labels
     ctx = torch.cat([context, context]) if (cfg and context is not None) else context
@@ -108,12 +120,13 @@ def _loop(model, scheduler, x, labels, guidance_scale, generator, eta, progress,
             else model(x_in, t_model.expand(x_in.shape[0]), y)
         if adapter is not None:
             out = out * float(adapter.v_eps[i]) + (torch.cat([x, x]) if cfg else x) * float(adapter.v_x[i])
+        # _prev_sample: step(...).prev_sample without writing the pred_original_sample nothing reads
         if cfg:
             cond, uncond = out.chunk(2)
-            x = scheduler.step(cond, t, x, model_output_uncond=uncond, guidance_scale=guidance_scale,
-                               **extra).prev_sample
+            x = scheduler._prev_sample(cond, t, x, model_output_uncond=uncond, guidance_scale=guidance_scale,
+                                       **extra)
         else:
-            x = scheduler.step(out, t, x, **extra).prev_sample
+            x = scheduler._prev_sample(out, t, x, **extra)
     return x
 
 
@@ -126,13 +139,21 @@ def sample(model, scheduler, labels, num_inference_steps: int = 50, guidance_sca
 
     labels: class ids (N,) (tensor or list). guidance_scale None or 1 = no guidance.
     generator: draws the initial noise (and the sampler's noise) exactly as diffusers would.
-    cuda_graph: capture the whole loop in one CUDA graph, then replay it (CUDA only).
+        A CPU generator with a CUDA sample makes each noisy step (DDPM, DDIM with eta > 0,
+        stochastic flow) draw on the CPU and copy to the device, as diffusers does.
+    cuda_graph: capture the whole loop in one CUDA graph, then replay it (CUDA only). The graph
+        is cached per (model, scheduler settings, shape, steps, guidance, eta): a later call
+        with the same settings only replays it (see GraphedSampler; clear_cuda_graphs frees
+        them). `generator` then seeds the initial noise only: the sampler's noise inside the
+        graph comes from the default CUDA generator.
+    shape: (C, H, W) of one sample; None = (model.in_channels, model.sample_size, model.sample_size).
     progress: a tqdm bar (None = when stderr is a terminal).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     if shape is None:
         shape = (model.in_channels, model.sample_size, model.sample_size)
+    shape = tuple(shape)
     if progress is None:
         progress = sys.stderr.isatty()
     scheduler.set_timesteps(num_inference_steps, device=device)
@@ -145,39 +166,95 @@ def sample(model, scheduler, labels, num_inference_steps: int = 50, guidance_sca
     x = x * scheduler.init_noise_sigma
     if not cuda_graph:
         return _loop(model, scheduler, x, labels, guidance_scale, generator, eta, progress, adapter, context)
-    if device.type != "cuda":
+    if device.type not in _GRAPH_DEVICE_TYPES:
         raise ValueError("cuda_graph=True needs a CUDA device")
     if generator is not None and generator.device.type == "cuda":
         raise ValueError("inside a CUDA graph the sampler's noise comes from the default CUDA generator; "
                          "pass a CPU generator (it seeds the initial noise) or None")
-    graph = GraphedSampler(model, scheduler, labels, num_inference_steps, guidance_scale, eta, adapter, context)
-    return graph(x)
+    key = (scheduler._schedule_key(), getattr(model, "prediction_type", None), tuple(x.shape), x.dtype, x.device,
+           num_inference_steps, guidance_scale, float(eta),
+           None if context is None else (tuple(context.shape), context.dtype),
+           # weights moved or reloaded into new storage: the old graph would read the old memory
+           tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
+    graphs = _GRAPHS.setdefault(model, {})
+    graph = graphs.pop(key, None)  # re-inserted below: the dict stays in least-recently-used order
+    if graph is None:
+        while len(graphs) >= GRAPHS_PER_MODEL:
+            graphs.pop(next(iter(graphs)))
+        graph = GraphedSampler(model, scheduler, labels, num_inference_steps, guidance_scale, eta, adapter,
+                               context, shape=shape)
+    graphs[key] = graph
+    return graph(x, labels, context)
+
+
+# sample(cuda_graph=True)'s captured loops: model -> {settings: GraphedSampler}, least recently
+# used first. Weak keys: a model that is dropped frees its graphs and their memory pools.
+_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+GRAPHS_PER_MODEL = 4  # each graph holds its own memory pool (activations of a whole loop)
+_GRAPH_DEVICE_TYPES = ("cuda",)  # tests/test_capture_safety.py adds a stand-in device
+
+
+def clear_cuda_graphs(model=None) -> None:
+    """Drop sample(cuda_graph=True)'s cached graphs (of `model`, or all), freeing their memory."""
+    if model is None:
+        _GRAPHS.clear()
+    else:
+        _GRAPHS.pop(model, None)
 
 
 class GraphedSampler:
     """The whole sampling loop captured once as a CUDA graph; each call copies the initial
-    noise in and replays it (one launch for N steps of model + fused scheduler updates)."""
+    noise (and labels, context) in and replays it: one launch for N steps of model + fused
+    scheduler updates.
 
+    Capture order: set_timesteps, then `warmup` eager passes on a side stream (they load the
+    kernels and build every coefficient table on the device), then scheduler.rewind() (the step
+    counter back to 0, the tables kept), then the capture. Calling set_timesteps instead would
+    drop the tables and the first captured step would build one on the host and copy it over,
+    which a capture does not allow. Noise inside the graph comes from the default CUDA
+    generator (each replay draws fresh noise). The graph keeps the captured scheduler tensors
+    alive, so later use of `scheduler` does not change it; it replays the model as captured.
+    """
+
+    @torch.no_grad()
     def __init__(self, model, scheduler, labels, num_inference_steps, guidance_scale=3.0, eta=0.0,
-                 adapter=None, context=None, warmup: int = 1):
+                 adapter=None, context=None, warmup: int = 1, shape: Optional[Sequence[int]] = None):
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (it builds the coefficient tables before capture), got {warmup}")
         device = labels.device
-        shape = (len(labels), model.in_channels, model.sample_size, model.sample_size)
-        self.static_x = torch.zeros(shape, device=device, dtype=next(model.parameters()).dtype)
-        rest = (labels, guidance_scale, None, eta, False, adapter, context)
+        if shape is None:
+            shape = (model.in_channels, model.sample_size, model.sample_size)
+        self.static_x = torch.zeros((len(labels), *shape), device=device, dtype=next(model.parameters()).dtype)
+        # the graph reads labels and context from these buffers: a call may bring new ones
+        self.static_labels = labels.clone()
+        self.static_context = None if context is None else context.clone()
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        run = functools.partial(_loop, model, scheduler, self.static_x, self.static_labels, guidance_scale,
+                                None, eta, False, adapter, self.static_context)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up (allocator, kernels' first launch) off the graph
+        with torch.cuda.stream(side):  # warm-up (allocator, kernels' first launch, tables) off the graph
             for _ in range(warmup):
-                scheduler.set_timesteps(num_inference_steps, device=device)
-                _loop(model, scheduler, self.static_x, *rest)
+                scheduler.rewind()
+                run()
         torch.cuda.current_stream(device).wait_stream(side)
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.rewind()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_out = _loop(model, scheduler, self.static_x, *rest)
+            self.static_out = run()
+        # the graph reads these tensors' memory; a later set_timesteps on the scheduler drops its references
+        self._captured_schedule = (scheduler.timesteps, dict(scheduler._tables))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, labels=None, context=None) -> torch.Tensor:
+        """Sample from initial noise x (labels, context: None = those of the capture)."""
         self.static_x.copy_(x)
+        if labels is not None:
+            self.static_labels.copy_(torch.as_tensor(labels, dtype=torch.long, device=self.static_labels.device))
+        if context is not None:
+            if self.static_context is None:
+                raise ValueError("this graph was captured without context")
+            self.static_context.copy_(context)
         self.graph.replay()
         return self.static_out.clone()
 
@@ -215,7 +292,8 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-__all__ = ["sample", "make_scheduler", "GraphedSampler", "SAMPLERS", "to_images", "save_grid", "timed"]
+__all__ = ["sample", "make_scheduler", "GraphedSampler", "clear_cuda_graphs", "SAMPLERS", "to_images",
+           "save_grid", "timed"]
 
 
 def pick_threads(threads: int = 0) -> int:

@@ -4,7 +4,8 @@ and the step machinery (a [T, 12] coefficient table per step kwargs, a Python st
 Every `step` is ONE call of `flashdiff.scheduler_update` with a row of a coefficient table that
 `set_timesteps` (or the first step with new kwargs) builds once, on the device, with the
 vectorised `*_coefs` builders. A row is a view (`table[i]`), so a step launches one kernel,
-reads nothing back to the host, and can be captured in a CUDA graph.
+reads nothing back to the host, and can be captured in a CUDA graph. `rewind()` restarts the step
+counter and keeps the tables, so a capture after its warm-up pass builds and copies nothing.
 
 Schedule precision: the ᾱ (or σ) values are computed exactly as diffusers computes them
 (float32 betas and cumprod), because the contract is to match diffusers' numbers; everything
@@ -154,6 +155,18 @@ def spaced_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_of
 
 
 # ------------------------------------------------------------------ the shared scheduler machinery
+def _hashable(value):
+    """A config or schedule value as a hashable key; arrays by content (their repr elides)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return (a.dtype.str, a.shape, a.tobytes())
+    return value
+
+
 class FusedScheduler:
     """Base: diffusers-style config, from_config, step counter, per-kwargs coefficient tables.
 
@@ -267,15 +280,45 @@ class FusedScheduler:
         return row
 
     def _update(self, table_key, index, model_output, sample, model_output_uncond, guidance_scale,
-                noise=None, prev_x0=None, return_x0=True):
+                noise=None, prev_x0=None, return_x0=False):
+        """(prev_sample, x0 or None): one fused update with row `index` of the table for
+        `table_key`. x0 is written only when asked: it is one more full-size output."""
         if model_output_uncond is None:
             row = self._rows(table_key)[index]
         elif isinstance(guidance_scale, torch.Tensor):
             row = self._guided_row(self._rows(table_key)[index], guidance_scale)
         else:
             row = self._rows(table_key, float(guidance_scale))[index]
-        return scheduler_update(sample, model_output, row, model_output_uncond, noise, prev_x0,
-                                return_x0=return_x0, backend=self.backend)
+        out = scheduler_update(sample, model_output, row, model_output_uncond, noise, prev_x0,
+                               return_x0=return_x0, backend=self.backend)
+        return out if return_x0 else (out, None)
+
+    # Families whose public step output carries pred_original_sample (DDIM, DDPM) implement
+    # _step(model_output, timestep, sample, **step_kwargs, return_x0=...) -> (prev, x0 or None).
+    _step = None
+
+    def _prev_sample(self, model_output, timestep, sample, **step_kwargs) -> torch.Tensor:
+        """`step(...).prev_sample` for the sampling loop, which reads nothing else: where the
+        public output carries pred_original_sample, this step does not write it (one full-size
+        output less); the other families' step writes only what they need anyway."""
+        if self._step is not None:
+            return self._step(model_output, timestep, sample, return_x0=False, **step_kwargs)[0]
+        return self.step(model_output, timestep, sample, return_dict=False, **step_kwargs)[0]
+
+    def rewind(self):
+        """Back to the first step of the current schedule, keeping the coefficient tables (and
+        the timesteps tensor): a second pass over the schedule, like a CUDA graph capture after
+        its warm-up, then builds and copies nothing. set_timesteps instead starts afresh and
+        drops the tables."""
+        self._require_timesteps()
+        self._step_index = None
+
+    def _schedule_key(self):
+        """What the coefficient tables depend on (class, config, backend and the schedule that
+        set_timesteps made), hashable: equal keys, equal tables. Keys a cache of captured loops."""
+        sigmas = getattr(self, "sigmas", None)
+        return (type(self), _hashable(dict(self.config)), self.backend, _hashable(self._host_timesteps),
+                None if sigmas is None else _hashable(sigmas))
 
     def _finish_set_timesteps(self, timesteps: np.ndarray, device, dtype=torch.int64):
         self._device = torch.device(device) if device is not None else torch.device("cpu")

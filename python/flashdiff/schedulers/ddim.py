@@ -71,6 +71,15 @@ class DDIMScheduler(FusedScheduler):
              return_dict: bool = True, model_output_uncond: Optional[torch.Tensor] = None,
              guidance_scale=1.0):
         """x_{t-1} from x_t: one fused kernel (guidance, x0, clip, eps and the update)."""
+        prev, x0 = self._step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                              variance_noise, model_output_uncond, guidance_scale, return_x0=True)
+        if not return_dict:
+            return prev, x0
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+              variance_noise=None, model_output_uncond=None, guidance_scale=1.0, *, return_x0):
+        """step's work: (prev_sample, x0, or None unless return_x0)."""
         self._require_timesteps()
         t_host = self._host_timestep(timestep)
         if t_host is None:  # a device tensor: the step counter (no sync)
@@ -84,19 +93,16 @@ class DDIMScheduler(FusedScheduler):
                 raise ValueError("pass either generator or variance_noise, not both")
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        if index < 0:
-            row = self._offschedule_row(int(t_host), eta, bool(use_clipped_model_output), guidance_scale)
-            if model_output_uncond is not None and isinstance(guidance_scale, torch.Tensor):
-                row = self._guided_row(row, guidance_scale)
-            prev, x0 = scheduler_update(sample, model_output, row, model_output_uncond, noise, None,
-                                        return_x0=True, backend=self.backend)
-        else:
+        if index >= 0:
             self._step_index = index + 1
-            prev, x0 = self._update((eta, bool(use_clipped_model_output)), index, model_output, sample,
-                                    model_output_uncond, guidance_scale, noise)
-        if not return_dict:
-            return prev, x0
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+            return self._update((eta, bool(use_clipped_model_output)), index, model_output, sample,
+                                model_output_uncond, guidance_scale, noise, return_x0=return_x0)
+        row = self._offschedule_row(int(t_host), eta, bool(use_clipped_model_output), guidance_scale)
+        if model_output_uncond is not None and isinstance(guidance_scale, torch.Tensor):
+            row = self._guided_row(row, guidance_scale)
+        out = scheduler_update(sample, model_output, row, model_output_uncond, noise, None,
+                               return_x0=return_x0, backend=self.backend)
+        return out if return_x0 else (out, None)
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise (diffusers' add_noise, for training)."""

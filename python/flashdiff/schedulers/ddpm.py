@@ -81,6 +81,15 @@ class DDPMScheduler(FusedScheduler):
              guidance_scale=1.0, variance_noise: Optional[torch.Tensor] = None):
         """x_{t-1} from x_t: one fused kernel. Noise (for t > 0) is drawn from `generator` as
         diffusers draws it, unless `variance_noise` is given."""
+        prev, x0 = self._step(model_output, timestep, sample, generator, model_output_uncond, guidance_scale,
+                              variance_noise, return_x0=True)
+        if not return_dict:
+            return prev, x0
+        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _step(self, model_output, timestep, sample, generator=None, model_output_uncond=None, guidance_scale=1.0,
+              variance_noise=None, *, return_x0):
+        """step's work: (prev_sample, x0, or None unless return_x0)."""
         t_host = self._host_timestep(timestep)
         if t_host is None:
             index = self._counter_index(timestep)
@@ -93,10 +102,8 @@ class DDPMScheduler(FusedScheduler):
         if self._host_timesteps[index] > 0:
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        prev, x0 = self._update((), index, model_output, sample, model_output_uncond, guidance_scale, noise)
-        if not return_dict:
-            return prev, x0
-        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return self._update((), index, model_output, sample, model_output_uncond, guidance_scale, noise,
+                            return_x0=return_x0)
 
     def add_noise(self, original_samples, noise, timesteps):
         return _add_noise(self.alphas_cumprod, original_samples, noise, timesteps)

@@ -134,8 +134,9 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         last = index == self.num_inference_steps - 1
         second = (self.config.solver_order == 2 and self.lower_order_nums >= 1
                   and not (last and self._final_first_order))
+        # x0 is always written: the next step's second-order term reads it
         prev, x0 = self._update((second,), index, model_output, sample, model_output_uncond, guidance_scale,
-                                prev_x0=self._prev_x0 if second else None)
+                                prev_x0=self._prev_x0 if second else None, return_x0=True)
         self._prev_x0 = x0
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
@@ -143,6 +144,11 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+    def rewind(self):
+        super().rewind()
+        self.lower_order_nums = 0  # the second pass starts first order again, as a fresh schedule does
+        self._prev_x0 = None
 
     def add_noise(self, original_samples, noise, timesteps):
         return _add_noise(self.alphas_cumprod, original_samples, noise, timesteps)

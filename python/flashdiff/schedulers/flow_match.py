@@ -128,8 +128,7 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
         noise = None
         if self.config.stochastic_sampling:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        prev = self._update((), index, model_output, sample, model_output_uncond, guidance_scale, noise,
-                            return_x0=False)
+        prev, _ = self._update((), index, model_output, sample, model_output_uncond, guidance_scale, noise)
         if not return_dict:
             return (prev,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
