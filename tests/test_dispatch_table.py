@@ -181,3 +181,15 @@ def test_a_class_too_far_away_is_not_a_measurement(fake_gpu):
     assert flashdiff.explain("scheduler_update", far, far, coefs, far).backend == "torch"
     choice = flashdiff.explain("scheduler_update", farther, farther, coefs, farther)
     assert choice.backend == "cpu" and "no class" in choice.source
+
+
+def test_a_variant_can_be_asked_for_by_name_and_a_missing_one_is_refused():
+    q = torch.randn(1, 2, 16, 32)
+    choice = flashdiff.explain("attention", q, q, q, backend="torch:efficient")
+    assert (choice.backend, choice.impl) == ("torch", "torch:efficient")
+    torch.testing.assert_close(flashdiff.attention(q, q, q, backend="torch:efficient"),
+                               flashdiff.reference.attention(q, q, q, upcast=False), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="no implementation 'torch:nonesuch'"):
+        flashdiff.attention(q, q, q, backend="torch:nonesuch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flashdiff.attention(q, q, q, backend="gpu:fast")

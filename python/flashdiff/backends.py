@@ -170,13 +170,19 @@ class OpDispatch:
         if backend in (None, "auto"):
             backend = _override
         if backend is not None:
-            if backend not in BACKENDS:
-                raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-            why = self.reason(backend, device, inputs)
+            # "name" or "name:variant" (a variant is addressable for validation and tests)
+            base, _, variant = backend.partition(":")
+            if base not in BACKENDS:
+                raise ValueError(f"backend must be one of {('auto',) + BACKENDS} (or 'backend:variant'), "
+                                 f"got {backend!r}")
+            if variant and backend not in self.impls:
+                raise NotImplementedError(f"flashdiff.{self.name}: no implementation {backend!r} (variants: "
+                                          f"{sorted(k for k in self.impls if ':' in k) or 'none'})")
+            why = self.reason(base, device, inputs)
             if why is not None:
                 raise NotImplementedError(f"flashdiff.{self.name}: backend {backend!r} cannot serve "
                                           f"these inputs: {why}")
-            return Choice(self.name, backend, source="asked for explicitly")
+            return Choice(self.name, base, impl=backend, source="asked for explicitly")
         skipped: Dict[str, str] = {}
         if torch.compiler.is_compiling():
             # Tracing runs this Python once per graph: no table files, locks or device queries
@@ -228,6 +234,11 @@ class OpDispatch:
             return ("no dispatch table for this GPU (run `flashdiff tune`): the fallback rule, "
                     "which prefers torch unless a measurement says otherwise")
         return f"table {table.origin} has no class for these inputs: the fallback rule"
+
+
+def variant_names() -> List[str]:
+    """Every "backend:variant" implementation registered on any op (sorted)."""
+    return sorted({name for dispatch, _ in REGISTRY.values() for name in dispatch.impls if ":" in name})
 
 
 def clear_choice_caches() -> None:

@@ -178,14 +178,23 @@ def device_backends(wanted: Optional[Sequence[str]] = None) -> Tuple[List[Tuple[
     each on the device it serves (the Triton interpreter on a CPU only when TRITON_INTERPRET=1)."""
     import flashdiff
 
+    from .backends import variant_names
+
     status = flashdiff.backend_status()
     pairs, missing = [], {}
     cuda = torch.cuda.is_available()
-    for be in (wanted or ("reference", "cpu", "triton", "cuda")):
-        if status.get(be, f"unknown backend {be!r}") is not None:
-            missing[be] = status.get(be) or f"unknown backend {be!r}"
+    # Variants ("cuda:onepass", "torch:cudnn", ...) are what a dispatch table may pick on a GPU:
+    # validated there beside their backend (an op without the variant declines it).
+    default = ("reference", "torch", "cpu", "triton", "cuda") + (tuple(variant_names()) if cuda else ())
+    for be in (wanted or default):
+        base = be.split(":")[0]
+        if status.get(base, f"unknown backend {be!r}") is not None:
+            missing[be] = status.get(base) or f"unknown backend {be!r}"
             continue
-        if be == "reference":
+        if ":" in be:
+            if cuda:
+                pairs.append(("cuda", be))
+        elif be in ("reference", "torch"):
             pairs.append(("cpu", be))
             if cuda:
                 pairs.append(("cuda", be))

@@ -34,7 +34,8 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
                     "hostile shapes and print pass/fail with the error ratio against the tolerance rule "
                     "(error / (2·torch-in-dtype error + atol); below 1 passes). Exit status 1 on any failure.")
     p.add_argument("--backend", nargs="+", action="extend", metavar="NAME",
-                   help="backends to validate (reference cpu triton cuda; default: every usable one)")
+                   help="backends to validate (reference torch cpu triton cuda, or backend:variant such as "
+                        "cuda:onepass; default: every usable one, and on a GPU every variant)")
     p.add_argument("--op", nargs="+", action="extend", metavar="OP", help=f"ops ({', '.join(OPS)}; default all)")
     p.add_argument("--dtype", nargs="+", action="extend", metavar="DT",
                    help=f"dtypes ({', '.join(DTYPES)}; default all)")
