@@ -19,10 +19,11 @@ What `patch` changes, and only where the structure makes the change certain:
       `h = self.act(h)`, `self.act` appears nowhere else in the class, and neither module is
       shared or hooked: the norm becomes a fused FlashGroupNorm and the act an `nn.Identity`.
 - attention: modules with a diffusers `processor` whose type is exactly `AttnProcessor2_0`
-  get a `FlashdiffAttnProcessor` (same math, calling flashdiff.attention). Other processors
-  (custom, LoRA, IP-adapter, fused-QKV, attention-dispatch ones) are left alone and listed;
-  the dispatch-based ones call torch SDPA through diffusers' "native" backend, which
-  `sdpa_override()` routes.
+  get a `FlashdiffAttnProcessor` (same math, calling flashdiff.attention). Other diffusers
+  processors that call `dispatch_attention_fn` or `F.scaled_dot_product_attention` themselves
+  (Flux, SD3/SD3.5 joint attention, Sana, ...) keep diffusers' own code with only that call
+  routed to flashdiff.attention, scoped to the patched model (transformers.py). Custom,
+  nn.Module (LoRA, IP-adapter) and attention-less processors are left alone and listed.
 - scheduler (pipelines): the flashdiff scheduler of the same class name, `from_config` of
   the pipeline's scheduler config.
 - cuda_graph=True (opt in): the denoiser's forward (`pipe.unet` / `pipe.transformer`, or the
@@ -35,7 +36,8 @@ out gives zeros in flashdiff (torch SDPA gives NaN), see docs/internals.md.
 
 Layout: report.py (PatchReport, the undo record), group_norm.py (FlashGroupNorm),
 resnet.py (FusedResnetBlock2D), norm_act.py (GroupNorm replacement and norm→act fusion),
-attention.py (FlashdiffAttnProcessor), scheduler.py (scheduler swap), sdpa.py (the global
+attention.py (FlashdiffAttnProcessor), transformers.py (diffusers' transformer processors with
+their attention call rerouted), scheduler.py (scheduler swap), sdpa.py (the global
 SDPA override), cuda_graph.py (GraphedForward); this file: patch / unpatch / patched.
 """
 from __future__ import annotations
@@ -75,7 +77,8 @@ def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool 
     Args:
         obj: an nn.Module (any model, diffusers or not) or a diffusers pipeline (every
             nn.Module component is patched, and its scheduler).
-        attention: replace diffusers AttnProcessor2_0 processors by FlashdiffAttnProcessor.
+        attention: replace diffusers AttnProcessor2_0 processors by FlashdiffAttnProcessor, and
+            route the attention call of diffusers' transformer processors to flashdiff.
         group_norm: replace torch.nn.GroupNorm, fusing a directly following SiLU/GELU where
             the module structure shows it.
         scheduler: replace a pipeline's scheduler by flashdiff's of the same class.

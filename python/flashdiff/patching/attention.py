@@ -63,13 +63,16 @@ def _auto_backend(q, k, v, attn_mask, backend) -> Optional[str]:
     return name
 
 
-def _attention_call(q, k, v, attn_mask=None, scale=None, backend=None):
-    """flashdiff.attention where it runs well for these inputs, else torch's SDPA."""
+def _attention_call(q, k, v, attn_mask=None, scale=None, backend=None, fallback=None):
+    """flashdiff.attention where it runs well for these inputs, else `fallback()` (the caller's
+    original attention call, transformers.py) or torch's SDPA."""
     if _is_fusable_sdpa(q, k, v, attn_mask):
         name = _auto_backend(q, k, v, attn_mask, backend)
         # The reference backend materializes the scores; torch's SDPA is the better fallback.
         if name is not None and name != "reference":
             return _fd_attention(q, k, v, attn_mask, scale, backend=backend)
+    if fallback is not None:
+        return fallback()
     return _TORCH_SDPA(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
@@ -140,6 +143,8 @@ def _attn_processor_2_0():
 
 
 def _patch_attention(root: nn.Module, prefix: str, backend, state: _State, report: PatchReport) -> None:
+    from .transformers import _is_routed, _routed_processor  # imports this module
+
     proc_cls = _attn_processor_2_0()
     for path, m in root.named_modules():
         if not (hasattr(m, "processor") and callable(getattr(m, "set_processor", None))):
@@ -151,9 +156,14 @@ def _patch_attention(root: nn.Module, prefix: str, backend, state: _State, repor
             state.processors.append((m, proc))
             m.set_processor(FlashdiffAttnProcessor(backend))
             report.replaced.append(("attention", where, "AttnProcessor2_0 -> FlashdiffAttnProcessor"))
-        elif hasattr(proc, "_attention_backend"):
-            report.left_alone.append(("attention", where, f"{type(proc).__name__} uses diffusers' attention "
-                                      "dispatch; flashdiff.sdpa_override() routes its native backend"))
+        elif _is_routed(proc):
+            report.left_alone.append(("attention", where, "already flashdiff"))
         else:
-            report.left_alone.append(("attention", where, f"processor {type(proc).__name__} has no flashdiff "
-                                      "equivalent (only AttnProcessor2_0 is replaced)"))
+            # transformer processors (Flux, SD3, Sana, ...): diffusers' own, attention call rerouted
+            routed, what = _routed_processor(proc, backend)
+            if routed is None:
+                report.left_alone.append(("attention", where, what))
+                continue
+            state.processors.append((m, proc))
+            m.set_processor(routed)
+            report.replaced.append(("attention", where, what))
