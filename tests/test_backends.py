@@ -58,3 +58,32 @@ def test_override_from_environment(monkeypatch):
 def test_available_backends_always_has_reference():
     assert "reference" in flashdiff.available_backends()
     assert set(flashdiff.backend_status()) == set(backends.BACKENDS)
+
+
+def test_checks_hold_once_the_eager_fast_paths_are_warm():
+    """attention and group_norm skip their checks for a signature that passed them before:
+    every difference a check reads must still take the full path and raise."""
+    q = torch.randn(1, 2, 8, 16)
+    flashdiff.attention(q, q, q)  # warm
+    with pytest.raises(ValueError, match="head_dim"):
+        flashdiff.attention(q, torch.randn(1, 2, 8, 8), q)
+    with pytest.raises(ValueError, match="scale"):
+        flashdiff.attention(q, q, q, scale=float("nan"))
+    with pytest.raises(ValueError, match="attn_mask"):
+        flashdiff.attention(q, q, q, attn_mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        flashdiff.attention(q, q, q.to(torch.int32))
+    x, w = torch.randn(2, 8, 4, 4), torch.randn(8)
+    flashdiff.group_norm(x, 4, w, w, 1e-5, "silu")  # warm
+    with pytest.raises(ValueError, match="num_groups"):
+        flashdiff.group_norm(x, 3, w, w, 1e-5, "silu")
+    with pytest.raises(ValueError, match="eps"):
+        flashdiff.group_norm(x, 4, w, w, -1.0, "silu")
+    with pytest.raises(ValueError, match="weight"):
+        flashdiff.group_norm(x, 4, torch.randn(4), w, 1e-5, "silu")
+    with pytest.raises(ValueError, match="activation"):
+        flashdiff.group_norm(x, 4, w, w, 1e-5, "tanh")
+    # and the fast path computes what the full path does
+    torch.testing.assert_close(flashdiff.group_norm(x, 4, w, w, 1e-5, "silu"),
+                               flashdiff.reference.group_norm(x, 4, w, w, 1e-5, "silu", upcast=False),
+                               rtol=1e-4, atol=1e-5)
