@@ -263,3 +263,36 @@ def test_host_schedule_memo_keeps_its_checks():
 def test_empty_latents():
     x = torch.randn(0, 4, 8, 8)
     assert flashdiff.ddim_step(x, x, 0.3, 0.5).shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_gradients_flow_through_the_update(backend):
+    """scheduler_update used to drop gradients silently (its output did not require grad)."""
+    require_backend("cpu", backend)
+    torch.manual_seed(3)
+    shape = (2, 3, 5, 7)
+    x, c, u, n, p = (torch.randn(shape, dtype=torch.float64 if backend == "reference" else torch.float32,
+                                 requires_grad=True) for _ in range(5))
+    coefs = flashdiff.ddim_coefs(0.4, 0.6, eta=0.5, clip_sample_range=1.5, guidance_scale=2.0).to(x.dtype)
+    coefs = coefs.clone().requires_grad_(True)
+    prev, x0 = flashdiff.scheduler_update(x, c, coefs, u, n, p, return_x0=True, backend=backend)
+    assert prev.requires_grad and x0.requires_grad
+    w1, w2 = torch.randn(shape), torch.randn(shape)
+    ((prev * w1).sum() + (x0 * w2).sum()).backward()
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, c, coefs, u, n, p)]
+    rp, rx0 = reference.scheduler_update(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], leaves[5])
+    ((rp * w1.double()).sum() + (rx0 * w2.double()).sum()).backward()
+    for got, want in zip((x, c, coefs, u, n, p), leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_path_does_not_swallow_autograd():
+    x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    coefs = flashdiff.ddim_coefs(0.4, 0.6)
+    with torch.no_grad():
+        flashdiff.scheduler_update(x, c, coefs)  # warms the fast path for this signature
+    c.requires_grad_(True)
+    y = flashdiff.scheduler_update(x, c, coefs)
+    assert y.requires_grad
+    y.sum().backward()
+    assert c.grad is not None and torch.isfinite(c.grad).all()

@@ -268,6 +268,7 @@ _dispatch.on_clear.append(_CHOSEN.clear)
 _Tensor = torch.Tensor
 _COEFS_SHAPE = (NUM_COEFS,)
 _is_compiling = torch.compiler.is_compiling  # bound once: the attribute chain costs per call
+_grad_enabled = torch.is_grad_enabled
 
 
 def _resolve(sample, model_output, coefs, model_output_uncond=None, noise=None, prev_x0=None,
@@ -295,6 +296,10 @@ def _fast_impl(sample, model_output, coefs, uncond, noise, prev_x0, backend):
     # _override read directly: get_override() would add a call to every step
     chosen = _CHOSEN.get((backend, _backends._override, device, dtype, shape, uncond is not None))
     if (chosen is None or _is_compiling() or not sample.is_contiguous() or sample.numel() == 0
+            or (_grad_enabled() and (sample.requires_grad or model_output.requires_grad
+                                     or coefs.requires_grad or (uncond is not None and uncond.requires_grad)
+                                     or (noise is not None and noise.requires_grad)
+                                     or (prev_x0 is not None and prev_x0.requires_grad)))
             or coefs.dtype is not torch.float32 or coefs.shape != _COEFS_SHAPE
             or coefs.device != device or not coefs.is_contiguous()):
         return None
@@ -386,6 +391,40 @@ def _(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x
     return torch.empty_like(sample), (torch.empty_like(sample) if return_x0 else sample.new_empty((0,)))
 
 
+_GRAD_INPUTS = ("sample", "model_output", "coefs", "model_output_uncond", "noise", "prev_x0")
+
+
+def _setup_context(ctx, inputs, output):
+    sample, model_output, coefs, uncond, noise, prev_x0, return_x0, backend = inputs
+    ctx.save_for_backward(sample, model_output, coefs, uncond, noise, prev_x0)
+    ctx.return_x0 = return_x0
+
+
+def _backward(ctx, dprev, dx0):
+    """The update is affine in every tensor operand (piecewise, through the clip): the
+    gradient is that of the fp32 reference, recomputed here (no kernel of its own: training
+    through a sampler step is rare, and the recompute costs one forward)."""
+    saved = ctx.saved_tensors
+    leaves = [None if t is None else t.detach().requires_grad_(ctx.needs_input_grad[i])
+              for i, t in enumerate(saved)]
+    with torch.enable_grad():
+        prev, x0 = reference.scheduler_update(*leaves, upcast=torch.float32)
+        outs, grads_out = [prev], [dprev.to(prev.dtype)]
+        if ctx.return_x0 and dx0 is not None and dx0.numel():
+            outs.append(x0)
+            grads_out.append(dx0.to(x0.dtype))
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True)) if wanted else iter(())
+    grads = []
+    for t, orig in zip(leaves, saved):
+        g = next(got) if t is not None and t.requires_grad else None
+        grads.append(None if g is None else g.to(orig.dtype))
+    return (*grads, None, None)
+
+
+torch.library.register_autograd("flashdiff::scheduler_update", _backward, setup_context=_setup_context)
+
+
 # ------------------------------------------------------------------ public API
 def scheduler_update(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
                      model_output_uncond: Optional[torch.Tensor] = None,
@@ -393,7 +432,8 @@ def scheduler_update(sample: torch.Tensor, model_output: torch.Tensor, coefs: to
                      return_x0: bool = False, backend: Optional[str] = None):
     """The generic fused sampler update (module docstring). coefs: [12] tensor on the data's
     device, from one of the `*_coefs` builders (or a row of a precomputed [T, 12] table).
-    Returns prev_sample, or (prev_sample, pred_x0) when return_x0."""
+    Returns prev_sample, or (prev_sample, pred_x0) when return_x0. Differentiable in every
+    tensor operand (coefs included): the backward is the fp32 reference's gradient."""
     impl = _fast_impl(sample, model_output, coefs, model_output_uncond, noise, prev_x0, backend)
     if impl is not None:
         prev, x0 = impl(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x0)
@@ -402,7 +442,7 @@ def scheduler_update(sample: torch.Tensor, model_output: torch.Tensor, coefs: to
     if sample.numel() == 0:
         prev = torch.empty_like(sample)
         return (prev, torch.empty_like(sample)) if return_x0 else prev
-    if use_custom_op():
+    if use_custom_op(sample, model_output, coefs, model_output_uncond, noise, prev_x0):
         prev, x0 = _scheduler_update_op(sample, model_output, coefs, model_output_uncond, noise,
                                         prev_x0, return_x0, choice.impl)
     else:
