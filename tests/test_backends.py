@@ -87,3 +87,10 @@ def test_checks_hold_once_the_eager_fast_paths_are_warm():
     torch.testing.assert_close(flashdiff.group_norm(x, 4, w, w, 1e-5, "silu"),
                                flashdiff.reference.group_norm(x, 4, w, w, 1e-5, "silu", upcast=False),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_explain_says_how_gradients_are_computed():
+    x = torch.randn(2, 8, 4, 4)
+    assert "fp32 reference" in flashdiff.explain("group_norm", x, 4, backend="reference").backward
+    assert "SDPA" in flashdiff.explain("attention", x, x, x, backend="torch").backward
+    assert "backward:" in str(flashdiff.explain("scheduler_update", x, x, torch.zeros(12)))

@@ -105,6 +105,7 @@ class Choice:
     skipped: Dict[str, str] = field(default_factory=dict)
     impl: str = ""
     source: str = ""
+    backward: str = ""  # how gradients are computed on this backend
 
     def __post_init__(self):
         self.impl = self.impl or self.backend
@@ -114,6 +115,8 @@ class Choice:
         lines = [head]
         if self.source:
             lines.append(f"  because: {self.source}")
+        if self.backward:
+            lines.append(f"  backward: {self.backward}")
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -125,9 +128,12 @@ class OpDispatch:
     """Per-op table of backends: supports() says why not, impls[name]() does the work.
     `features(**inputs)` gives the shape class the dispatch table is looked up with."""
 
-    def __init__(self, name: str, features: Optional[Callable[..., dict]] = None):
+    def __init__(self, name: str, features: Optional[Callable[..., dict]] = None,
+                 backward: Optional[Dict[str, str]] = None):
         self.name = name
         self.features = features
+        # backend -> how its gradients are computed ("*": every other backend); explain says it
+        self.backward = backward or {}
         self.supports: Dict[str, Callable[..., Optional[str]]] = {}
         self.impls: Dict[str, Callable] = {}
         self._cache: Dict[tuple, Choice] = {}
@@ -151,6 +157,9 @@ class OpDispatch:
         self._cache.clear()
         for hook in self.on_clear:
             hook()
+
+    def backward_note(self, backend: str) -> str:
+        return self.backward.get(backend, self.backward.get("*", ""))
 
     def choose(self, backend: Optional[str], device: torch.device, inputs: dict, key=None) -> Choice:
         """Pick the backend. `key` (a hashable of everything supports() and the shape class
@@ -260,7 +269,9 @@ def explain(op: str, *args, **kwargs) -> Choice:
     skipped, without running it. Example: print(flashdiff.explain("attention", q, k, v))."""
     if op not in REGISTRY:
         raise ValueError(f"op must be one of {sorted(REGISTRY)}, got {op!r}")
-    return REGISTRY[op][1](*args, **kwargs)
+    choice = REGISTRY[op][1](*args, **kwargs)
+    note = REGISTRY[op][0].backward_note(choice.backend)
+    return choice if not note else Choice(choice.op, choice.backend, choice.skipped, choice.impl, choice.source, note)
 
 
 set_override(os.environ.get("FLASHDIFF_BACKEND"))

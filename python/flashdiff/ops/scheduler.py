@@ -35,7 +35,8 @@ def _features(sample, model_output_uncond=None):
     return dispatch_table.scheduler_features(sample, model_output_uncond)
 
 
-_dispatch = OpDispatch("scheduler_update", features=_features)
+_dispatch = OpDispatch("scheduler_update", features=_features, backward={
+    "*": "differentiates the fp32 reference (the update is affine; one recompute)"})
 
 
 # ------------------------------------------------------------------ coefficient builders
