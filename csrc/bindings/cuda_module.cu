@@ -209,6 +209,65 @@ void group_norm_fwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, s
   flashdiff::cuda::group_norm_fwd(p, as_stream(stream));
 }
 
+// Makes device `dev` current for the lifetime of the guard, from an index Python already holds
+// (tensor.device.index): no cudaPointerGetAttributes per call (a driver round trip). Python
+// (flashdiff.ops) has already checked that the tensors live on that CUDA device.
+class DeviceIndexGuard {
+ public:
+  explicit DeviceIndexGuard(int dev) {
+    FD_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (dev != prev_) {
+      FD_CUDA_CHECK(cudaSetDevice(dev));
+      switched_ = true;
+    }
+  }
+  ~DeviceIndexGuard() {
+    if (switched_) cudaSetDevice(prev_);
+  }
+  DeviceIndexGuard(const DeviceIndexGuard&) = delete;
+  DeviceIndexGuard& operator=(const DeviceIndexGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool switched_ = false;
+};
+
+// group_norm_fwd's arguments plus the device index; true when the one-kernel path ran, false
+// (nothing launched) when it cannot serve these inputs and the caller should use group_norm_fwd.
+bool group_norm_fwd_onepass(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias,
+                            std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t mean_out,
+                            std::uintptr_t rstd_out, int64_t N, int64_t C, int64_t S, int64_t G, double eps,
+                            int activation, bool channels_last, int dtype, int device, std::uintptr_t stream) {
+  flashdiff::GroupNormParams p;
+  p.x = as_ptr<const void>(x);
+  p.y = as_ptr<void>(y);
+  p.weight = as_ptr<const float>(weight);
+  p.bias = as_ptr<const float>(bias);
+  p.scale = as_ptr<const float>(scale);
+  p.shift = as_ptr<const float>(shift);
+  p.mean_out = as_ptr<float>(mean_out);
+  p.rstd_out = as_ptr<float>(rstd_out);
+  p.N = N;
+  p.C = C;
+  p.S = S;
+  p.G = G;
+  p.eps = static_cast<float>(eps);
+  if (activation < 0 || activation > 2) {
+    throw std::runtime_error("flashdiff._cuda: activation must be 0 (none), 1 (silu) or 2 (gelu), got " +
+                             std::to_string(activation));
+  }
+  p.activation = static_cast<Activation>(activation);
+  p.channels_last = channels_last;
+  p.dtype = as_dtype(dtype);
+  if (N < 0 || C < 0 || S < 0 || G <= 0) {
+    throw std::runtime_error("flashdiff._cuda: group_norm_fwd_onepass: need N, C, S >= 0 and G > 0");
+  }
+  if (device < 0) throw std::runtime_error("flashdiff._cuda: group_norm_fwd_onepass: device must be >= 0");
+  if (N == 0 || C == 0 || S == 0) return true;  // empty input: nothing to write, no launch
+  DeviceIndexGuard guard(device);
+  return flashdiff::cuda::group_norm_fwd_onepass(p, as_stream(stream));
+}
+
 void attention_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o, std::uintptr_t lse,
                    std::uintptr_t key_padding_mask, int64_t B, int64_t H, int64_t Sq, int64_t Skv, int64_t D,
                    int64_t q_stride_b, int64_t q_stride_h, int64_t q_stride_s, int64_t k_stride_b,
@@ -267,6 +326,12 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("S"), py::arg("G"), py::arg("eps"), py::arg("activation"), py::arg("channels_last"),
         py::arg("dtype"), py::arg("stream"),
         "y = act(((x - mean) * rstd * weight + bias) * (1 + scale) + shift); stats per (n, group) in fp32.");
+  m.def("group_norm_fwd_onepass", &group_norm_fwd_onepass, py::arg("x"), py::arg("y"), py::arg("weight"),
+        py::arg("bias"), py::arg("scale"), py::arg("shift"), py::arg("mean_out"), py::arg("rstd_out"), py::arg("N"),
+        py::arg("C"), py::arg("S"), py::arg("G"), py::arg("eps"), py::arg("activation"), py::arg("channels_last"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "group_norm_fwd in one kernel (a thread-block cluster per group, sm_90+); device: the CUDA device "
+        "index of the tensors. Returns False, launching nothing, where it cannot serve the inputs.");
   m.def("attention_fwd", &attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
         py::arg("key_padding_mask"), py::arg("B"), py::arg("H"), py::arg("Sq"), py::arg("Skv"), py::arg("D"),
         py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_s"), py::arg("k_stride_b"),

@@ -39,6 +39,13 @@ void scheduler_update(const SchedulerUpdateParams& p, cudaStream_t stream);
 // the device's default pool) and handed back with cudaFreeAsync on the same stream.
 void group_norm_fwd(const GroupNormParams& p, cudaStream_t stream);
 
+// The same op in one kernel (group_norm_onepass.cu): a thread-block cluster per (n, group)
+// holds the group in shared memory, so x is read once and y written once. No scratch memory,
+// no per-call device queries beyond cudaGetDevice. Returns false, having launched nothing,
+// where it cannot serve the call (device older than sm_90, or a group too large for a cluster
+// of 8 CTAs' shared memory): the caller then runs group_norm_fwd. Empty input: true, no launch.
+bool group_norm_fwd_onepass(const GroupNormParams& p, cudaStream_t stream);
+
 void attention_fwd(const AttentionParams& p, cudaStream_t stream);
 
 // Head-dim buckets served by attention_fwd: D is rounded up to the first bucket >= D.

@@ -28,6 +28,7 @@
 // group sits far from zero; subtracting first costs one FADD per element.
 #include "api.cuh"
 #include "common.cuh"
+#include "group_norm_common.cuh"
 
 namespace flashdiff {
 namespace cuda {
@@ -37,60 +38,17 @@ constexpr int kStatThreads = 256;
 constexpr int kFinalizeWarps = 8;
 constexpr int kApplyThreads = 256;
 
-struct Welford {
-  float n, mean, m2;
-};
-
-// Chan et al.'s pairwise merge: exact in exact arithmetic, no cancellation of large squares.
-__device__ __forceinline__ Welford merge(const Welford& a, const Welford& b) {
-  const float n = a.n + b.n;
-  if (n == 0.f) return {0.f, 0.f, 0.f};
-  const float delta = b.mean - a.mean;
-  const float wb = b.n / n;
-  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb};
-}
-
-__device__ __forceinline__ Welford shfl_xor(const Welford& w, int mask) {
-  return {__shfl_xor_sync(0xffffffffu, w.n, mask), __shfl_xor_sync(0xffffffffu, w.mean, mask),
-          __shfl_xor_sync(0xffffffffu, w.m2, mask)};
-}
-
-__device__ __forceinline__ Welford warp_merge(Welford w) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) w = merge(w, shfl_xor(w, mask));
-  return w;
-}
-
-// v = q·P + r, advanced by a fixed stride without a division per step.
-struct DivModTracker {
-  int64_t q, r;
-  int64_t P, sq, sr;
-  __device__ __forceinline__ DivModTracker(int64_t v, int64_t period, int64_t stride) : P(period) {
-    q = v / period;
-    r = v - q * period;
-    sq = stride / period;
-    sr = stride - sq * period;
-  }
-  __device__ __forceinline__ void advance() {
-    q += sq;
-    r += sr;
-    if (r >= P) {
-      r -= P;
-      ++q;
-    }
-  }
-};
+using gn::Welford;
+using gn::merge;
+using gn::warp_merge;
+using gn::group_base;
+using DivModTracker = gn::DivModTracker<int64_t>;
 
 // ------------------------------------------------------------------ pass 1: partial statistics
 // A group (n, g) seen as a [rows, width] array with row stride ld:
 //   NCHW:          rows 1, width Cg·S (contiguous)      channels_last: rows S, width Cg, ld C
-// Block (blockIdx.x = n·G + g, blockIdx.y = chunk) reduces vectors [chunk·chunk_v, …) of it.
-template <typename T, bool CHANNELS_LAST>
-__device__ __forceinline__ const T* group_base(const T* x, int64_t n, int64_t g, int64_t C, int64_t S,
-                                               int64_t Cg) {
-  return CHANNELS_LAST ? x + n * S * C + g * Cg : x + (n * C + g * Cg) * S;
-}
-
+// Block (blockIdx.x = n·G + g, blockIdx.y = chunk) reduces vectors [chunk·chunk_v, …) of it
+// (the group's address: gn::group_base).
 template <typename T, int VEC, bool CHANNELS_LAST>
 __global__ void __launch_bounds__(kStatThreads)
 group_norm_stats_kernel(const T* __restrict__ x, Welford* __restrict__ partials, int64_t C, int64_t S, int64_t G,
@@ -116,28 +74,13 @@ group_norm_stats_kernel(const T* __restrict__ x, Welford* __restrict__ partials,
       load_vec<T, VEC>(e, p);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) e[j] -= shift;
-      // exact two-pass statistics of the VEC values, then one Chan merge
-      float m = 0.f;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) m += e[j];
-      m *= 1.0f / VEC;
-      float m2 = 0.f;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) m2 += (e[j] - m) * (e[j] - m);
-      acc = merge(acc, Welford{float(VEC), m, m2});
+      gn::add_shifted<VEC>(acc, e);
     }
   }
 
-  acc = warp_merge(acc);
   __shared__ Welford warp_acc[kStatThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_acc[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    acc = lane < kStatThreads / 32 ? warp_acc[lane] : Welford{0.f, 0.f, 0.f};
-    acc = warp_merge(acc);
-    if (lane == 0) partials[ng * gridDim.y + blockIdx.y] = acc;
-  }
+  acc = gn::block_merge<kStatThreads>(acc, warp_acc);
+  if (threadIdx.x == 0) partials[ng * gridDim.y + blockIdx.y] = acc;
 }
 
 // ------------------------------------------------------------------ pass 2: finalize + fold

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, _validate as check, dispatch_table, reference
+from .. import backends as _backends
 from ..backends import OpDispatch, register_op
 from ._common import dtype_code, f32, new_empty, ptr, stream_of, use_custom_op
 
@@ -26,7 +27,9 @@ def _features(x, num_groups, scale, activation):
     return dispatch_table.group_norm_features(x, num_groups, scale, activation)
 
 
-_dispatch = OpDispatch("group_norm", features=_features)
+_dispatch = OpDispatch("group_norm", features=_features, backward={
+    "triton": "native Triton kernels",
+    "*": "differentiates the fp32 reference (one recompute of the forward)"})
 
 
 # ------------------------------------------------------------------ validation
@@ -106,6 +109,41 @@ def _cuda_fwd(x, *args, stats=True):
         return _compiled_fwd(_ext.load_cuda()[0], x, *args, stream=(stream_of(x),), stats=stats)
 
 
+def _cuda_onepass_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats=True):
+    """(y, mean, rstd, ran_onepass): the one-kernel CUDA group norm where it can serve the call,
+    else the multi-launch kernel on the same arguments. Tests read ran_onepass."""
+    module = _ext.load_cuda()[0]
+    onepass = getattr(module, "group_norm_fwd_onepass", None)
+    if onepass is None:
+        raise RuntimeError("this build of flashdiff._cuda has no group_norm_fwd_onepass: rebuild it")
+    xk, channels_last = _kernel_layout(x)
+    N, C = x.shape[:2]
+    y = new_empty(xk)
+    mean = new_empty(xk, (N, num_groups), torch.float32) if stats else None
+    rstd = new_empty(mean) if stats else None
+    w, b, s, t = f32(weight), f32(bias), f32(scale), f32(shift)
+    args = (xk.data_ptr(), y.data_ptr(), ptr(w), ptr(b), ptr(s), ptr(t), ptr(mean), ptr(rstd),
+            N, C, math.prod(x.shape[2:]), num_groups, float(eps), _ACT_CODE[activation], channels_last,
+            dtype_code(xk))
+    stream = stream_of(x)
+    # The device index comes from the tensor (a CUDA tensor always has one): the binding sets it
+    # current without a pointer-attribute query, and no torch.cuda.device context is entered.
+    if onepass(*args, x.device.index, stream):
+        return y, mean, rstd, True
+    module.group_norm_fwd(*args, stream)  # its own guard finds the device from x's pointer
+    return y, mean, rstd, False
+
+
+def _cuda_onepass_fwd(x, *args, stats=True):
+    """Variant "cuda:onepass" (csrc/cuda/group_norm_onepass.cu): a thread-block cluster per
+    (n, group) holds the group in shared memory, so x is read once and y written once, in one
+    launch with no scratch memory. Groups too large for a cluster of 8 CTAs' shared memory, and
+    devices older than sm_90, run the multi-launch kernel. A variant, not the "cuda" backend:
+    `flashdiff tune` times it and checks it against torch, and auto picks it only where it was
+    measured correct and fastest; explicit backend="cuda" keeps the multi-launch kernel."""
+    return _cuda_onepass_call(x, *args, stats=stats)[:3]
+
+
 def _torch_fwd(x, num_groups, weight, bias, eps, activation, scale, shift, stats=True):
     """What a model without flashdiff runs: F.group_norm, then the modulation and the
     activation in place (each a pass over y). Output laid out like the kernels' (x's memory
@@ -140,6 +178,7 @@ _dispatch.register("torch", _torch_fwd)
 _dispatch.register("cpu", _cpu_fwd, _kernel_supports)
 _dispatch.register("cuda", _cuda_fwd, _kernel_supports)
 _dispatch.register("triton", _triton_fwd, _kernel_supports)
+_dispatch.register_variant("cuda", "onepass", _cuda_onepass_fwd)
 register_op(_dispatch, _resolve)
 
 
@@ -211,10 +250,50 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
         backend: None/"auto", "reference", "torch", "cpu", "triton" or "cuda" (see
             flashdiff.explain). Auto takes the backend measured fastest for this shape class.
     """
+    act = activation or "none"
+    key = _eager_key(x, num_groups, weight, bias, eps, activation, scale, shift, backend)
+    impl = _EAGER.get(key) if key is not None else None
+    if impl is not None:  # this signature passed every check before: run it
+        return impl(x, num_groups, weight, bias, eps, act, scale, shift, stats=False)[0]
     choice = _resolve(x, num_groups, weight, bias, eps, activation, scale, shift, backend)
     if x.numel() == 0:
         return torch.empty_like(x)
-    act = activation or "none"
     if use_custom_op(x, weight, bias, scale, shift):
         return _group_norm_op(x, num_groups, weight, bias, float(eps), act, scale, shift, choice.impl)[0]
-    return _dispatch.impls[choice.impl](x, num_groups, weight, bias, eps, act, scale, shift, stats=False)[0]
+    impl = _dispatch.impls[choice.impl]
+    if key is not None:
+        if len(_EAGER) >= 4096:
+            _EAGER.clear()
+        _EAGER[key] = impl
+    return impl(x, num_groups, weight, bias, eps, act, scale, shift, stats=False)[0]
+
+
+# Eager calls whose signature (everything the checks and the choice read; values only for the
+# scalars num_groups, eps and activation) already passed every check -> the implementation
+# chosen for them: a model calls group norm with a few signatures, and the checks cost more
+# than a small launch (docs/internals.md, "the eager hot path"). Cleared with the choices.
+_EAGER: dict = {}
+_dispatch.on_clear.append(_EAGER.clear)
+_Tensor = torch.Tensor
+
+
+def _param_sig(t):
+    if t is None:
+        return None
+    if type(t) is not _Tensor:
+        raise TypeError  # not a plain tensor: the full path says what is wrong
+    return (t.shape, t.dtype, t.device)
+
+
+def _eager_key(x, num_groups, weight, bias, eps, activation, scale, shift, backend):
+    """The signature of a plain eager call, or None when it needs the full path."""
+    if type(x) is not _Tensor or type(num_groups) is not int or type(eps) is not float:
+        return None
+    if use_custom_op(x, weight, bias, scale, shift) or x.numel() == 0:
+        return None
+    try:
+        params = (_param_sig(weight), _param_sig(bias), _param_sig(scale), _param_sig(shift))
+    except TypeError:
+        return None
+    return (x.shape, x.stride(), x.dtype, x.device, num_groups, eps, activation, params, backend,
+            _backends._override)
