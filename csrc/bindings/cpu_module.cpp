@@ -14,6 +14,14 @@
 #include "../cpu/kernels.h"
 #include "flashdiff/params.h"
 
+// Row norms (csrc/cpu/layer_norm.cpp): declared here until kernels.h lists them.
+namespace flashdiff {
+namespace cpu {
+void layer_norm_fwd(const LayerNormParams& params);
+void rms_norm_fwd(const LayerNormParams& params);
+}  // namespace cpu
+}  // namespace flashdiff
+
 namespace py = pybind11;
 using flashdiff::Activation;
 using flashdiff::DType;
@@ -53,6 +61,36 @@ void group_norm_fwd(int64_t x, int64_t y, int64_t weight, int64_t bias, int64_t 
   flashdiff::cpu::group_norm_fwd(p);
 }
 
+flashdiff::LayerNormParams row_norm_params(int64_t x, int64_t y, int64_t weight, int64_t R,
+                                           int64_t D, double eps, int dtype) {
+  flashdiff::LayerNormParams p;
+  p.x = to_ptr<const void>(x, "x");
+  p.y = to_ptr<void>(y, "y");
+  p.weight = to_ptr<const float>(weight, "weight");
+  p.R = R;
+  p.D = D;
+  p.eps = static_cast<float>(eps);
+  p.dtype = static_cast<DType>(dtype);
+  return p;
+}
+
+void layer_norm_fwd(int64_t x, int64_t y, int64_t weight, int64_t bias, int64_t scale,
+                    int64_t shift, int64_t R, int64_t D, int64_t rows_per_mod, double eps,
+                    int activation, int dtype) {
+  flashdiff::LayerNormParams p = row_norm_params(x, y, weight, R, D, eps, dtype);
+  p.bias = to_ptr<const float>(bias, "bias");
+  p.scale = to_ptr<const float>(scale, "scale");
+  p.shift = to_ptr<const float>(shift, "shift");
+  p.rows_per_mod = rows_per_mod;
+  p.activation = static_cast<Activation>(activation);
+  flashdiff::cpu::layer_norm_fwd(p);
+}
+
+void rms_norm_fwd(int64_t x, int64_t y, int64_t weight, int64_t R, int64_t D, double eps,
+                  int dtype) {
+  flashdiff::cpu::rms_norm_fwd(row_norm_params(x, y, weight, R, D, eps, dtype));
+}
+
 void scheduler_update(int64_t sample, int64_t model_output, int64_t model_output_uncond,
                       int64_t noise, int64_t prev_x0, int64_t coefs, int64_t prev_sample,
                       int64_t x0_out, int64_t numel, int dtype) {
@@ -83,6 +121,17 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("shift"), py::arg("mean_out"), py::arg("rstd_out"), py::arg("N"), py::arg("C"),
         py::arg("S"), py::arg("G"), py::arg("eps"), py::arg("activation"),
         py::arg("channels_last"), py::arg("dtype"), py::call_guard<py::gil_scoped_release>());
+  m.def("layer_norm_fwd", &layer_norm_fwd,
+        "y = act((xhat * weight + bias) * (1 + scale) + shift) over rows of D, xhat = (x - mean) * rstd.\n"
+        "x, y: [R, D] contiguous; weight, bias [D], scale, shift [R / rows_per_mod, D]: fp32 or 0.",
+        py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("scale"),
+        py::arg("shift"), py::arg("R"), py::arg("D"), py::arg("rows_per_mod"), py::arg("eps"),
+        py::arg("activation"), py::arg("dtype"), py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_fwd", &rms_norm_fwd,
+        "y = x * rsqrt(mean(x^2) + eps) * weight over rows of D. x, y: [R, D] contiguous;\n"
+        "weight [D] fp32 or 0.",
+        py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("R"), py::arg("D"), py::arg("eps"),
+        py::arg("dtype"), py::call_guard<py::gil_scoped_release>());
   m.def("scheduler_update", &scheduler_update,
         "The generic sampler update (docs/internals.md); coefs: 12 fp32 values, order SchedCoef.\n"
         "All data tensors dense with identical strides, treated as flat arrays of numel.",

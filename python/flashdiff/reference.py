@@ -22,7 +22,8 @@ import torch.nn.functional as F
 Scalar = Union[float, torch.Tensor]
 
 __all__ = [
-    "attention", "group_norm", "group_norm_stats", "scheduler_update",
+    "attention", "group_norm", "group_norm_stats", "layer_norm", "layer_norm_stats", "rms_norm",
+    "rms_norm_rstd", "scheduler_update",
     "ddim_step", "ddpm_step", "flow_euler_step", "dpmpp_2m_step",
 ]
 
@@ -116,6 +117,66 @@ def _like_layout(y, x):
         inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
         return y.permute(perm).contiguous().permute(inverse)
     return y.contiguous()
+
+
+# ---------------------------------------------------------------- layer norm, rms norm
+def _per_token(m, x):
+    """A modulation tensor broadcast over x's rows: [N, D] with x [N, T, D] applies to every
+    token of sample n (DiT/PixArt/SD3/Flux adaLN); a tensor of x's shape applies per token."""
+    if m.dim() == 2 and x.dim() == 3:
+        return m[:, None, :]
+    return m
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-6, scale=None, shift=None,
+               activation=None, upcast=True):
+    """y = act((x̂·weight + bias)·(1 + scale) + shift), x̂ = (x − mean)·rstd over the last dim.
+
+    The adaLN LayerNorm of DiT, PixArt, SD3 and Flux: x [..., D]; weight, bias [D] (both
+    usually None there: elementwise_affine=False); scale, shift [N, D] with x [N, T, D] (one
+    modulation per sample, broadcast over its tokens) or x's shape (per token). Statistics
+    per row, two-pass, biased variance (as torch.nn.LayerNorm). The result is contiguous.
+    """
+    if tuple(normalized_shape) != (x.shape[-1],):
+        raise ValueError(f"normalized_shape must be ({x.shape[-1]},) (the last dim of x), "
+                         f"got {tuple(normalized_shape)}")
+    dt = _compute_dtype(upcast, x.dtype)
+    mean, rstd = layer_norm_stats(x, eps, upcast=dt)
+    y = (x.to(dt) - mean[..., None]) * rstd[..., None]
+    if weight is not None:
+        y = y * weight.to(dt)
+    if bias is not None:
+        y = y + bias.to(dt)
+    if scale is not None:
+        y = y * (1 + _per_token(scale.to(dt), x))
+    if shift is not None:
+        y = y + _per_token(shift.to(dt), x)
+    return _activation(y, activation).contiguous()
+
+
+def layer_norm_stats(x, eps=1e-6, upcast=True):
+    """(mean, rstd) over the last dim, each x.shape[:-1]: two-pass, biased variance."""
+    dt = _compute_dtype(upcast, x.dtype)
+    xf = x.to(dt)
+    mean = xf.mean(dim=-1)
+    var = ((xf - mean[..., None]) ** 2).mean(dim=-1)
+    return mean, torch.rsqrt(var + eps)
+
+
+def rms_norm(x, weight=None, eps=1e-6, upcast=True):
+    """y = x·rsqrt(mean(x²) + eps)·weight over the last dim (the q/k norm of SD3 and Flux).
+    x [..., D], weight [D] or None. The result is contiguous."""
+    dt = _compute_dtype(upcast, x.dtype)
+    y = x.to(dt) * rms_norm_rstd(x, eps, upcast=dt)[..., None]
+    if weight is not None:
+        y = y * weight.to(dt)
+    return y.contiguous()
+
+
+def rms_norm_rstd(x, eps=1e-6, upcast=True):
+    """rsqrt(mean(x²) + eps) over the last dim, x.shape[:-1]."""
+    dt = _compute_dtype(upcast, x.dtype)
+    return torch.rsqrt(x.to(dt).pow(2).mean(dim=-1) + eps)
 
 
 # ---------------------------------------------------------------- scheduler updates

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-OPS = ("attention", "group_norm", "scheduler")
+OPS = ("attention", "group_norm", "layer_norm", "rms_norm", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
 
@@ -168,7 +168,56 @@ def _scheduler_case(rng: random.Random, dtype, device):
             lambda up: list(ref(*args, **kw, upcast=up)))
 
 
+def _row_norm_x(rng: random.Random, shape, dtype, device):
+    """x [..., D]: contiguous, a transposed view, or rows of a wider tensor."""
+    layout = rng.choice(["contiguous", "contiguous", "transposed", "sliced"])
+    x = (torch.randn(shape, device=device) * 2 + rng.choice([0.5, 0.5, 100.0])).to(dtype)
+    if layout == "transposed" and x.dim() >= 2:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "sliced":
+        x = torch.cat([x, x], dim=-1)[..., : shape[-1]]
+    return x, layout
+
+
+def _layer_norm_case(rng: random.Random, dtype, device):
+    import flashdiff
+    from . import reference
+
+    D = rng.choice([1, 7, 64, 72, 128, 1152, 1536, 3072, 4097])
+    N, T = rng.choice([1, 2, 3]), rng.choice([1, 3, 17, 64, 257])
+    x, layout = _row_norm_x(rng, (N, T, D), dtype, device)
+    mod = rng.choice([None, "sample", "sample", "token"])
+    mshape = (N, D) if mod == "sample" else (N, T, D)
+    s = (0.5 * torch.randn(mshape, device=device)).to(dtype) if mod else None
+    t = torch.randn(mshape, device=device).to(dtype) if mod else None
+    affine = rng.random() < 0.3
+    w = torch.randn(D, device=device).to(dtype) if affine else None
+    b = torch.randn(D, device=device).to(dtype) if affine else None
+    activation = rng.choice([None, None, "silu", "gelu"])
+    args = (x, (D,), w, b, 1e-6, s, t, activation)
+    desc = (f"x{[N, T, D]} {layout} act={activation}" + (" affine" if affine else "")
+            + (f" +scale/shift per {mod}" if mod else ""))
+    return (desc,
+            lambda be: [flashdiff.layer_norm(*args, backend=be)],
+            lambda up: [reference.layer_norm(*args, upcast=up)])
+
+
+def _rms_norm_case(rng: random.Random, dtype, device):
+    import flashdiff
+    from . import reference
+
+    D = rng.choice([1, 7, 40, 64, 72, 128, 256, 3072, 4097])
+    shape = rng.choice([(1,), (3,), (2, 5), (2, 3, 17), (1, 4, 33, 2)])[:-1] + (D,)
+    x, layout = _row_norm_x(rng, shape, dtype, device)
+    w = torch.randn(D, device=device).to(dtype) if rng.random() < 0.7 else None
+    desc = f"x{list(shape)} {layout}" + (" weight" if w is not None else "")
+    return (desc,
+            lambda be: [flashdiff.rms_norm(x, w, 1e-6, backend=be)],
+            lambda up: [reference.rms_norm(x, w, 1e-6, upcast=up)])
+
+
 GENERATORS: Dict[str, Callable] = {"attention": _attention_case, "group_norm": _group_norm_case,
+                                   "layer_norm": _layer_norm_case, "rms_norm": _rms_norm_case,
                                    "scheduler": _scheduler_case}
 
 

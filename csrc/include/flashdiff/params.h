@@ -32,6 +32,25 @@ struct GroupNormParams {
   DType dtype = DType::kFloat32;
 };
 
+// Row norms over the last dim of x, seen as R contiguous rows of D elements:
+//   layer_norm_fwd: y = act((xhat * weight + bias) * (1 + scale) + shift), xhat = (x - mean) * rstd
+//   rms_norm_fwd:   y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps)  (uses x, y, weight,
+//                   R, D, eps, dtype; the other fields must stay null / none)
+// Statistics per row in fp32, two-pass, biased variance. Row r reads modulation row
+// r / rows_per_mod: rows_per_mod = T for adaLN's [N, D] scale with x [N, T, D], 1 per token.
+struct LayerNormParams {
+  const void* x = nullptr;        // [R, D] contiguous
+  void* y = nullptr;              // [R, D] contiguous, x's dtype
+  const float* weight = nullptr;  // [D] or null (= 1)
+  const float* bias = nullptr;    // [D] or null (= 0)
+  const float* scale = nullptr;   // [R / rows_per_mod, D] contiguous or null (= 0)
+  const float* shift = nullptr;   // same shape as scale, or null (= 0)
+  int64_t R = 0, D = 0, rows_per_mod = 1;
+  float eps = 1e-6f;
+  Activation activation = Activation::kNone;
+  DType dtype = DType::kFloat32;
+};
+
 // The generic sampler update. Every family (DDIM, DDPM, flow Euler, DPM-Solver++ 2M) is this
 // affine map with family-specific coefficients, computed in Python (float64) and read here
 // from a device/host fp32 array, so a step never synchronizes with the host.
