@@ -108,7 +108,7 @@ def test_merge_attention_matches_whole_attention():
     out, lse = merge_attention([o for o, _ in parts], [l for _, l in parts])
     ref = reference.attention(q, k, v, mask[:, None, None, :], upcast=torch.float64)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
-    whole_out, whole_lse = attention_with_lse(q, k, v, mask)
+    _, whole_lse = attention_with_lse(q, k, v, mask)
     torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=0)
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all() and not out.isnan().any()
     # +inf (FlashAttention-2's empty-row lse) counts as an empty block too
@@ -237,18 +237,21 @@ def _case_dit():
         err = (got - single).abs().max().item()
         assert err <= 1e-5, f"{plan}: parallel sample differs from the single-process one by {err:.2e}"
         assert unparallelize(par) is model and "forward" not in vars(model.blocks[0].attn)
-    # tokens that do not shard evenly: 9 tokens padded to a multiple of the degree (masked keys)
+    # tokens that do not shard evenly: 9 tokens padded to a multiple of the degree (masked keys);
+    # with cross-attention to (masked) context tokens, which every rank holds whole
     torch.manual_seed(0)
-    odd = DiT(input_size=6, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10).eval()
+    odd = DiT(input_size=6, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+              context_dim=8).eval()
     for block in odd.blocks:  # adaLN-Zero starts as identity: give the blocks something to do
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.2)
     torch.nn.init.normal_(odd.final_layer.linear.weight, std=0.2)
     x, t, y = torch.randn(2, 1, 6, 6), torch.tensor([10, 500]), torch.tensor([1, 10])
+    ctx, ctx_mask = torch.randn(2, 5, 8), torch.tensor([[True] * 5, [True, True, False, False, False]])
     with torch.no_grad():
-        want = odd(x, t, y)
+        want = odd(x, t, y, ctx, ctx_mask)
         for plan in ([dict(ring=2), dict(ulysses=2)] if P == 2 else [dict(ring=4), dict(ulysses=2, ring=2)]):
             par = parallelize(odd, **plan)
-            torch.testing.assert_close(par(x, t, y), want, atol=1e-5, rtol=0, msg=f"{plan}")
+            torch.testing.assert_close(par(x, t, y, ctx, ctx_mask), want, atol=1e-5, rtol=0, msg=f"{plan}")
             unparallelize(par)
     with pytest.raises(ValueError, match="must equal the group size"):
         parallelize(model, ulysses=P, cfg=2)
