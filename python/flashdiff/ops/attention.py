@@ -6,6 +6,7 @@ per query block and write o once, so they are compute-bound beyond a few hundred
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Optional
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, _validate as check, dispatch_table, reference
+from .. import backends as _backends
 from ..backends import OpDispatch, register_op
 from ._common import dtype_code, new_empty, ptr, stream_of, use_custom_op
 
@@ -26,7 +28,9 @@ def _features(q, k, v, attn_mask):
     return dispatch_table.attention_features(q, k, attn_mask)
 
 
-_dispatch = OpDispatch("attention", features=_features)
+_dispatch = OpDispatch("attention", features=_features, backward={
+    "triton": "native Triton kernels (dq, dk, dv from the forward's lse)",
+    "*": "differentiates torch's SDPA on the saved inputs (one recompute of the forward)"})
 
 
 # ------------------------------------------------------------------ validation
@@ -166,6 +170,16 @@ def _triton_fwd(q, k, v, attn_mask, scale):
     return _ext.load_triton()[0].attention.attention_fwd(q, k, v, kpm, scale)
 
 
+def _triton_v2_fwd(q, k, v, attn_mask, scale):
+    """The v2 Triton forward (head-dim pieces, peeled tail; triton_kernels/attention_v2.py). A
+    dispatch-table variant only: same supports() and backward as "triton" (lse convention equal)."""
+    B, H, Sq, _ = q.shape
+    kpm = key_padding_mask(attn_mask, B, k.shape[2])
+    out = (new_empty(q, (B, H, Sq, v.shape[-1])), new_empty(q, (B, H, Sq), torch.float32))
+    module = importlib.import_module(_ext.load_triton()[0].__name__ + ".attention_v2")
+    return module.attention_fwd_v2(q, k, v, kpm, scale, out=out)
+
+
 def _cuda_fwd(q, k, v, attn_mask, scale):
     module = _ext.load_cuda()[0]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -191,6 +205,7 @@ _dispatch.register("cpu", _torch_fwd)
 for _variant, _sdpa_name in SDPA_VARIANTS.items():
     _dispatch.register_variant("torch", _variant, _sdpa_variant(_sdpa_name))
 _dispatch.register("triton", _triton_fwd, _triton_supports)
+_dispatch.register_variant("triton", "v2", _triton_v2_fwd)
 _dispatch.register("cuda", _cuda_fwd, _cuda_supports)
 register_op(_dispatch, _resolve)
 
@@ -206,7 +221,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
 @_attention_op.register_fake
 def _(q, k, v, attn_mask, scale, backend):
     o = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-    lse_shape = q.shape[:-1] if backend in ("triton", "cuda") else (0,)
+    # variants ("triton:v2") return what their backend returns
+    lse_shape = q.shape[:-1] if backend.split(":")[0] in ("triton", "cuda") else (0,)
     return o, q.new_empty(lse_shape, dtype=torch.float32)
 
 
@@ -220,7 +236,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _dlse):
     q, k, v, attn_mask, o, lse = ctx.saved_tensors
     scale, backend = ctx.config
-    if backend == "triton":
+    if backend.split(":")[0] == "triton":  # "triton:v2" writes v1's lse (same convention)
         kpm = key_padding_mask(attn_mask, q.shape[0], k.shape[2])
         dq, dk, dv = _ext.load_triton()[0].attention.attention_bwd(do, q, k, v, o, lse, kpm, scale)
     else:
@@ -252,10 +268,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
             on this GPU (flashdiff.dispatch_table), torch's own SDPA included.
     Returns: [B, H, Sq, D] in q's dtype.
     """
+    key = _eager_key(q, k, v, attn_mask, scale, backend)
+    impl = _EAGER.get(key) if key is not None else None
+    if impl is not None:  # this signature passed every check before: run it
+        return impl(q, k, v, attn_mask, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))[0]
     choice = _resolve(q, k, v, attn_mask, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.numel() == 0 or k.shape[2] == 0:
         return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
     if use_custom_op(q, k, v):
         return _attention_op(q, k, v, attn_mask, scale, choice.impl)[0]
-    return _dispatch.impls[choice.impl](q, k, v, attn_mask, scale)[0]
+    impl = _dispatch.impls[choice.impl]
+    if key is not None:
+        if len(_EAGER) >= 4096:
+            _EAGER.clear()
+        _EAGER[key] = impl
+    return impl(q, k, v, attn_mask, scale)[0]
+
+
+# Eager calls whose signature (everything the checks and the backend choice read, never
+# values) already passed every check -> the implementation chosen for them. A model calls
+# attention with a handful of signatures, and the checks plus the choice cost several µs per
+# call where torch's SDPA itself costs a few: the same idea as the sampler update's fast path
+# (docs/internals.md). Cleared with the dispatch choices (a new table or override).
+_EAGER: dict = {}
+_dispatch.on_clear.append(_EAGER.clear)
+_Tensor = torch.Tensor
+
+
+def _eager_key(q, k, v, attn_mask, scale, backend):
+    """The signature of a plain eager call, or None when the call needs the full path (tensor
+    subclasses, tracing, autograd, a non-float scale, empty inputs)."""
+    if (type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor
+            or (attn_mask is not None and type(attn_mask) is not _Tensor)
+            or (scale is not None and (type(scale) is not float or not math.isfinite(scale)))):
+        return None
+    if use_custom_op(q, k, v) or q.numel() == 0 or k.numel() == 0:
+        return None
+    mask = None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device)
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, mask,
+            backend, _backends._override)
