@@ -7,7 +7,9 @@ Vertical slice: kernels, then launchers. The math is `flashdiff.reference.group_
 Layout: x [N, C, *spatial] (1-3 spatial dims) is addressed as [N, C, S] through three strides
 (n, c, s), so NCHW-contiguous (s-stride 1) and channels_last (c-stride 1) share one kernel; the
 compiler vectorizes along whichever stride is 1. y has x's memory format. A layout whose spatial
-dims do not collapse to one stride is copied to contiguous first (the only copy).
+dims do not collapse to one stride is copied to contiguous first (the only copy), and y (dx) is
+allocated like that copy: contiguous, as the reference's. weight, bias, scale and shift are read
+through their strides (slices, expanded scalars: no copies, no extra launches).
 
 Parallelism: at batch 1 a diffusion U-Net has N·G = 32 groups, far too few programs for a GPU
 with 132 SMs. Each (n, g) is split along S into SPLIT chunks, one program each:
@@ -22,10 +24,20 @@ with 132 SMs. Each (n, g) is split along S into SPLIT chunks, one program each:
           the one-FMA form x·A + (B − mean·A) cancels to ~|x|·rstd·2⁻²⁴ when |mean| ≫ std).
 Traffic: x read twice, y written once: 3 elements per element (6 B in bf16); the second read
 often hits L2. Memory-bound: the roofline is HBM bandwidth / 3 elements.
+
+One-pass variant (`group_norm_fwd_onepass`, dispatch name "triton:onepass"): for a group of at
+most ONEPASS_MAX_ELEMENTS padded elements, one program per (n, g) reads the whole group into
+registers once, takes its statistics there (shifted by K, two-pass over the registers) and
+normalizes + stores: 2 elements per element (4 B in bf16), one launch, no partials. It trades
+parallelism for traffic: N·G programs only (32 at batch 1 in a U-Net), so it wins where N·G
+fills the device or the launch dominates (small groups, DiT's adaLN rows); `flashdiff tune`
+times both. Larger groups fall back to the split path. Both paths share the tile, moments,
+affine and activation helpers below.
 """
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import triton
@@ -33,7 +45,7 @@ import triton.language as tl
 
 from ._utils import INTERPRET, device_sms, memory_format, ncs_strides
 
-__all__ = ["group_norm_fwd", "group_norm_bwd"]
+__all__ = ["group_norm_fwd", "group_norm_fwd_onepass", "group_norm_bwd", "onepass_fits"]
 
 _ACTIVATIONS = {None: 0, "none": 0, "silu": 1, "gelu": 2}
 
@@ -82,15 +94,38 @@ def _s_tile(s0, s_end, c_valid, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(s64, offs_c, stride_s, stride_c):
+    """int64 element offsets of a tile: c·stride_c alone passes 2³¹ in an NCHW group of more
+    than 2³¹ elements (stride_c = S), so both products are taken in int64."""
+    return s64 * stride_s + offs_c[None, :].to(tl.int64) * stride_c
+
+
+@triton.jit
+def _load_raw(base, s64, offs_c, stride_s, stride_c, mask):
+    """A [BLOCK_S, BLOCK_C] tile in x's own dtype, 0 outside the mask (a 16-bit tile takes
+    half the registers of its fp32 conversion: what lets the one-pass kernel hold a group)."""
+    return tl.load(base + _tile_offsets(s64, offs_c, stride_s, stride_c), mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_tile(base, s64, offs_c, stride_s, stride_c, mask):
     """A [BLOCK_S, BLOCK_C] tile in fp32, 0 outside the mask."""
-    return tl.load(base + s64 * stride_s + offs_c[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+    return _load_raw(base, s64, offs_c, stride_s, stride_c, mask).to(tl.float32)
 
 
 @triton.jit
 def _store_tile(base, s64, offs_c, stride_s, stride_c, val, mask):
     """Store a tile, cast to the element type of base."""
-    tl.store(base + s64 * stride_s + offs_c[None, :] * stride_c, val.to(base.dtype.element_ty), mask=mask)
+    tl.store(base + _tile_offsets(s64, offs_c, stride_s, stride_c), val.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_moments(xk, mask, count):
+    """(mean, M2) of the count valid elements of a tile xk already shifted by K (0 outside the
+    mask), two-pass over registers: M2 = Σ (xk − mean)², never Σxk² − count·mean²."""
+    mean = tl.sum(tl.sum(xk, 1), 0) / count
+    d = tl.where(mask, xk - mean, 0.0)
+    return mean, tl.sum(tl.sum(d * d, 1), 0)
 
 
 @triton.jit
@@ -134,9 +169,7 @@ def _group_norm_stats_kernel(
             # read BLOCK_S·BLOCK_C elements (masked tail), accumulate in fp32
             x = tl.where(mask, _load_tile(base, s64, offs_c, stride_xs, stride_xc, mask) - shift, 0.0)
             nb = (tl.minimum(s_end - s0, BLOCK_S) * n_c).to(tl.float32)
-            mb = tl.sum(tl.sum(x, 1), 0) / nb
-            d = tl.where(mask, x - mb, 0.0)
-            m2b = tl.sum(tl.sum(d * d, 1), 0)
+            mb, m2b = _tile_moments(x, mask, nb)
             # Chan et al.: merge (count, mean, m2) with the tile's (nb, mb, m2b)
             total = count + nb
             delta = mb - mean
@@ -172,19 +205,21 @@ def _group_stats(PART, pid_ng, SPLIT, eps, BLOCK_SPLIT: tl.constexpr):
 
 @triton.jit
 def _fold_affine(W, B, SCALE, SHIFT, n, c, c_valid, rstd,
-                 stride_scn, stride_scc, stride_shn, stride_shc,
+                 stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """A, B with act((x − mean)·A + B) = y, and k = 1 + scale, for channels c of sample n (fp32)."""
+    """A, B with act((x − mean)·A + B) = y, and k = 1 + scale, for channels c of sample n (fp32).
+    Every parameter is read through its strides (a weight may be a slice or an expanded
+    scalar: stride 2, stride 0); they are C or N·C elements, L1/L2-resident."""
     a = tl.full(c.shape, 1.0, tl.float32) * rstd
     if HAS_W:
-        w = tl.load(W + c, mask=c_valid, other=0.0).to(tl.float32)
+        w = tl.load(W + c * stride_w, mask=c_valid, other=0.0).to(tl.float32)
         a = a * w
     else:
         w = tl.full(c.shape, 1.0, tl.float32)
     b = tl.zeros(c.shape, tl.float32)
     if HAS_B:
-        b += tl.load(B + c, mask=c_valid, other=0.0).to(tl.float32)
+        b += tl.load(B + c * stride_b, mask=c_valid, other=0.0).to(tl.float32)
     k = tl.full(c.shape, 1.0, tl.float32)
     if HAS_SCALE:
         k += tl.load(SCALE + n * stride_scn + c * stride_scc, mask=c_valid, other=0.0).to(tl.float32)
@@ -200,7 +235,7 @@ def _group_norm_fwd_kernel(
     X, Y, PART, W, B, SCALE, SHIFT, MEAN, RSTD,
     stride_xn, stride_xc, stride_xs,
     stride_yn, stride_yc, stride_ys,
-    stride_scn, stride_scc, stride_shn, stride_shc,
+    stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
     C, S, G, Cg, S_PER_CHUNK, SPLIT, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACT: tl.constexpr,
@@ -222,7 +257,7 @@ def _group_norm_fwd_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_valid = offs_c < Cg
         a, b, w, k = _fold_affine(W, B, SCALE, SHIFT, n, g * Cg + offs_c, c_valid, rstd,
-                                  stride_scn, stride_scc, stride_shn, stride_shc,
+                                  stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s64, mask = _s_tile(s0, s_end, c_valid, BLOCK_S)
@@ -232,11 +267,53 @@ def _group_norm_fwd_kernel(
 
 
 @triton.jit
+def _group_norm_onepass_kernel(
+    X, Y, W, B, SCALE, SHIFT, MEAN, RSTD,
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,
+    stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
+    S, G, Cg, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (n, g): the whole group, [BLOCK_S, BLOCK_C] ≥ [S, Cg], is read once
+    into registers (in x's dtype), then statistics (shifted two-pass over the registers),
+    then normalize + affine + modulation + activation and the store.
+
+    Reads Cg·S elements and writes as many (2 elements per element: 4 B in bf16, against 6 B
+    for the split path), one launch instead of two, no partials. Memory-bound: the roofline
+    is HBM bandwidth / 2 elements when N·G programs fill the device, otherwise the bandwidth
+    N·G SMs can pull (one program per SM; a batch-1 U-Net has 32 groups for 132 SMs).
+    """
+    pid_ng, chunk, n, g, s_begin, s_end = _program_chunk(G, S, S)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_valid = offs_c < Cg
+    s64, mask = _s_tile(0, S, c_valid, BLOCK_S)
+    x_base = X + n * stride_xn + g * Cg * stride_xc
+    xr = _load_raw(x_base, s64, offs_c, stride_xs, stride_xc, mask)   # the only read of x
+
+    k0 = tl.load(x_base).to(tl.float32)       # K: |mean − K| ~ the spread, not |mean|
+    count = Cg * S * 1.0  # not .to(): on a GPU, Cg = S = 1 (one-element groups) are constexpr ints
+    mean_k, m2 = _tile_moments(tl.where(mask, xr.to(tl.float32) - k0, 0.0), mask, count)
+    mean = k0 + mean_k
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    tl.store(MEAN + pid_ng, mean)
+    tl.store(RSTD + pid_ng, rstd)
+
+    a, b, w, k = _fold_affine(W, B, SCALE, SHIFT, n, g * Cg + offs_c, c_valid, rstd,
+                              stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
+                              HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+    z = _apply_act(_pre_act(xr.to(tl.float32), mean, a, b), ACT)
+    y_base = Y + n * stride_yn + g * Cg * stride_yc
+    _store_tile(y_base, s64, offs_c, stride_ys, stride_yc, z, mask)
+
+
+@triton.jit
 def _group_norm_bwd_reduce_kernel(
     DY, X, W, B, SCALE, SHIFT, MEAN, RSTD, PART,
     stride_dyn, stride_dyc, stride_dys,
     stride_xn, stride_xc, stride_xs,
-    stride_scn, stride_scc, stride_shn, stride_shc,
+    stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
     N, C, S, G, Cg, S_PER_CHUNK, SPLIT,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -254,7 +331,7 @@ def _group_norm_bwd_reduce_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_valid = offs_c < Cg
         a, b, w, k = _fold_affine(W, B, SCALE, SHIFT, n, g * Cg + offs_c, c_valid, rstd,
-                                  stride_scn, stride_scc, stride_shn, stride_shc,
+                                  stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         s1 = tl.zeros([BLOCK_C], tl.float32)
         s2 = tl.zeros([BLOCK_C], tl.float32)
@@ -276,7 +353,7 @@ def _group_norm_bwd_dx_kernel(
     stride_dyn, stride_dyc, stride_dys,
     stride_xn, stride_xc, stride_xs,
     stride_dxn, stride_dxc, stride_dxs,
-    stride_scn, stride_scc, stride_shn, stride_shc,
+    stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
     S, G, Cg, S_PER_CHUNK,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -297,7 +374,7 @@ def _group_norm_bwd_dx_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_valid = offs_c < Cg
         a, b, w, k = _fold_affine(W, B, SCALE, SHIFT, n, g * Cg + offs_c, c_valid, rstd,
-                                  stride_scn, stride_scc, stride_shn, stride_shc,
+                                  stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
         wk = w * k
         for s0 in range(s_begin, s_end, BLOCK_S):
@@ -327,6 +404,43 @@ def _geometry(x: torch.Tensor, NG: int, Cg: int, S: int):
     return block_c, block_s, s_per, split
 
 
+def _onepass_geometry(Cg: int, S: int):
+    """(BLOCK_C, BLOCK_S, num_warps) of the one-pass kernel, or None when the group does not
+    fit: its padded tile [next_pow2(S), next_pow2(Cg)] is spread over the program's threads at
+    ONEPASS_ELEMS_PER_THREAD each (4 warps at least, so a small group still has a full load
+    front), at most ONEPASS_MAX_WARPS."""
+    block_c, block_s = triton.next_power_of_2(Cg), triton.next_power_of_2(S)
+    padded = block_c * block_s
+    if padded > ONEPASS_MAX_ELEMENTS:
+        return None
+    num_warps = min(ONEPASS_MAX_WARPS, max(4, padded // (32 * ONEPASS_ELEMS_PER_THREAD)))
+    return block_c, block_s, num_warps
+
+
+# One-pass fit limit, from the register budget (the group lives in registers; Triton gives no
+# explicit shared-memory buffer, and the reductions already use smem as scratch). A program of
+# 32 warps (1024 threads) gets 65 536 / 1024 = 64 registers per thread. Per element a thread
+# keeps about 3-4 registers live from the load to the store: the value in fp32 (or packed 16-bit
+# plus its fp32 conversion), its int64 address and its mask. 16 elements per thread fit: sm_90
+# compiles (triton 3.9 and its ptxas) of fp32/fp16/bf16 × NCHW/channels_last × none/gelu at
+# 16 384 padded elements take 58-64 registers and no stack, except channels_last with Cg not a
+# multiple of 16 (no vector loads: alignment unproven), 24-32 B of stack (L1-resident); 32 768
+# padded elements spill 56-440 B at 32 warps (8-240 B at 16 warps with 128 registers each).
+# So at most 32·32·16 = 16 384 padded elements:
+# SD 1.5's 1280@16² and 1280@8² (G32: Cg 40 → 64 × 256 / 64), the decoder's 1920@16² and
+# 2560@8², DiT adaLN ([N·T, 1152, 1], G1: 2048); not 320@64² (Cg 10 → 16 × 4096 = 65 536),
+# 640@32² (32 768) nor any SDXL 1024 px group (split statistics there).
+ONEPASS_ELEMS_PER_THREAD = 16
+ONEPASS_MAX_WARPS = 32
+ONEPASS_MAX_ELEMENTS = ONEPASS_MAX_WARPS * 32 * ONEPASS_ELEMS_PER_THREAD
+
+
+def onepass_fits(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether group_norm_fwd_onepass runs its own kernel on x (else it is group_norm_fwd)."""
+    Cg = x.shape[1] // int(num_groups)
+    return _onepass_geometry(Cg, math.prod(x.shape[2:])) is not None
+
+
 def _ncs(t: torch.Tensor, fmt):
     """t and its (n, c, s) strides; copies only layouts that do not collapse to [N, C, S]."""
     strides = ncs_strides(t)
@@ -336,45 +450,103 @@ def _ncs(t: torch.Tensor, fmt):
     return t, strides
 
 
+def _new_empty(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """torch.empty_like(like) (or like.new_empty), NaN-filled while the tests poison outputs
+    (flashdiff.testing.poisoned_outputs), so an element a kernel never writes shows up. Read
+    from flashdiff only when it is loaded: this package imports without flashdiff."""
+    out = torch.empty_like(like) if shape is None else like.new_empty(shape, dtype=dtype)
+    common = sys.modules.get("flashdiff.ops._common")
+    if common is not None and common.POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
 def _param_strides(t):
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _params(dummy, weight, bias, scale, shift):
+    """The four parameter tensors (dummy where None), their strides in the kernels' order
+    (w, b, scale n/c, shift n/c) and the HAS_* flags. Parameters are read through their
+    strides (no copies: a cast or a .contiguous() would be one more launch, ~2-4 µs)."""
+    tensors = tuple(t if t is not None else dummy for t in (weight, bias, scale, shift))
+    strides = (weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
+               *_param_strides(scale), *_param_strides(shift))
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    return tensors, strides, flags
+
+
+def _fwd_outputs(x, G: int, eps: float):
+    """(x as the kernels read it, its (n, c, s) strides, y, y's strides, mean, rstd, launch).
+
+    x is copied only when its spatial dims do not collapse into one stride, and y is allocated
+    after that copy, like the tensor the kernels read: empty_like keeps a dense layout's
+    strides, which for such an x are not [N, C, S]-addressable (allocated from x itself they
+    crashed the launch). So y has x's memory format when x is dense and collapsible
+    (contiguous, channels_last(_3d)), else it is contiguous, as the reference's.
+    launch is False when there is nothing to normalize (the stats are then final)."""
+    N, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    x, xs = _ncs(x, memory_format(x))
+    y = _new_empty(x)
+    mean = _new_empty(x, (N, G), torch.float32)
+    rstd = _new_empty(x, (N, G), torch.float32)
+    launch = N * G > 0 and C * S > 0
+    if N * G > 0 and C * S == 0:  # empty groups: variance 0 by convention
+        mean.zero_()
+        rstd.fill_(1.0 / math.sqrt(eps))
+    return x, xs, y, ncs_strides(y), mean, rstd, launch
 
 
 # ================================================================ launchers
 def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
                    scale=None, shift=None):
-    """→ (y in x's dtype and memory format, mean fp32 [N, G], rstd fp32 [N, G])."""
+    """→ (y in x's memory format (contiguous when x's spatial dims do not collapse),
+    mean fp32 [N, G], rstd fp32 [N, G]). Split statistics: two launches, 3 elements of
+    traffic per element (module docstring)."""
     N, C = x.shape[:2]
     G = int(num_groups)
     Cg = C // G
     S = math.prod(x.shape[2:])
-    fmt = memory_format(x)
-    y = torch.empty_like(x)  # keeps dense strides, channels-last of any spatial rank included
-    mean = torch.empty((N, G), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((N, G), dtype=torch.float32, device=x.device)
-    if N * G == 0:
+    x, xs, y, ys, mean, rstd, launch = _fwd_outputs(x, G, eps)
+    if not launch:
         return y, mean, rstd
-    if Cg * S == 0:  # empty groups: variance 0 by convention, nothing to normalize
-        return y, mean.zero_(), rstd.fill_(1.0 / math.sqrt(eps))
-    x, xs = _ncs(x, fmt)
-    ys = ncs_strides(y)
     block_c, block_s, s_per, split = _geometry(x, N * G, Cg, S)
     part = torch.empty((N * G, split, 4), dtype=torch.float32, device=x.device)
     grid = (N * G, split)
     _group_norm_stats_kernel[grid](
         x, part, *xs, S, G, Cg, s_per, split, BLOCK_C=block_c, BLOCK_S=block_s,
     )
-    dummy = mean
+    params, pstrides, flags = _params(mean, weight, bias, scale, shift)
     _group_norm_fwd_kernel[grid](
-        x, y, part,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        scale if scale is not None else dummy, shift if shift is not None else dummy,
-        mean, rstd, *xs, *ys, *_param_strides(scale), *_param_strides(shift),
-        C, S, G, Cg, s_per, split, float(eps),
-        HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        ACT=_ACTIVATIONS[activation],
+        x, y, part, *params, mean, rstd, *xs, *ys, *pstrides,
+        C, S, G, Cg, s_per, split, float(eps), **flags, ACT=_ACTIVATIONS[activation],
         BLOCK_SPLIT=max(2, triton.next_power_of_2(split)), BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    return y, mean, rstd
+
+
+def group_norm_fwd_onepass(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
+                           scale=None, shift=None):
+    """group_norm_fwd with one program per (n, g) holding its group in registers: one launch,
+    x read once (2 elements of traffic per element instead of 3). Groups over
+    ONEPASS_MAX_ELEMENTS padded elements go to group_norm_fwd (same results, same layouts)."""
+    N, C = x.shape[:2]
+    G = int(num_groups)
+    Cg = C // G
+    S = math.prod(x.shape[2:])
+    geometry = _onepass_geometry(Cg, S)
+    if geometry is None:
+        return group_norm_fwd(x, G, weight, bias, eps, activation, scale, shift)
+    block_c, block_s, num_warps = geometry
+    x, xs, y, ys, mean, rstd, launch = _fwd_outputs(x, G, eps)
+    if not launch:
+        return y, mean, rstd
+    params, pstrides, flags = _params(mean, weight, bias, scale, shift)
+    _group_norm_onepass_kernel[(N * G,)](
+        x, y, *params, mean, rstd, *xs, *ys, *pstrides, S, G, Cg, float(eps),
+        **flags, ACT=_ACTIVATIONS[activation], BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
     )
     return y, mean, rstd
 
@@ -392,26 +564,21 @@ def group_norm_bwd(dy, x, num_groups, weight=None, bias=None, eps=1e-5, activati
     Cg = C // G
     S = math.prod(x.shape[2:])
     fmt = memory_format(x)
-    dx = torch.empty_like(x)
     if mean is None or rstd is None:
         _, mean, rstd = group_norm_fwd(x, G, weight, bias, eps, activation, scale, shift)
     mean = mean.float().contiguous()
     rstd = rstd.float().contiguous()
     x, xs = _ncs(x, fmt)
     dy, dys = _ncs(dy, fmt)
+    dx = _new_empty(x)  # after the copy, as y in _fwd_outputs: [N, C, S]-addressable
     dxs = ncs_strides(dx)
     if x.numel() == 0:
         s1 = s2 = torch.zeros((N, C), dtype=torch.float32, device=x.device)
     else:
         block_c, block_s, s_per, split = _geometry(x, N * G, Cg, S)
         part = torch.empty((2, N, C, split), dtype=torch.float32, device=x.device)
-        dummy = mean
-        params = (weight if weight is not None else dummy, bias if bias is not None else dummy,
-                  scale if scale is not None else dummy, shift if shift is not None else dummy)
-        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None,
-                     HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                     ACT=_ACTIVATIONS[activation], BLOCK_C=block_c, BLOCK_S=block_s)
-        pstrides = (*_param_strides(scale), *_param_strides(shift))
+        params, pstrides, flags = _params(mean, weight, bias, scale, shift)
+        flags.update(ACT=_ACTIVATIONS[activation], BLOCK_C=block_c, BLOCK_S=block_s)
         _group_norm_bwd_reduce_kernel[(N * G, split)](
             dy, x, *params, mean, rstd, part, *dys, *xs, *pstrides,
             N, C, S, G, Cg, s_per, split, **flags,
