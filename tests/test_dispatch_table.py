@@ -193,3 +193,36 @@ def test_a_variant_can_be_asked_for_by_name_and_a_missing_one_is_refused():
         flashdiff.attention(q, q, q, backend="torch:nonesuch")
     with pytest.raises(ValueError, match="backend must be one of"):
         flashdiff.attention(q, q, q, backend="gpu:fast")
+
+
+def test_the_shipped_h200_table_is_derived_from_the_committed_results():
+    """The package's H200 table is what `flashdiff tune --from-results` makes of the committed
+    H200 bench run (not edited by hand), and auto reads it on that GPU."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = os.path.join(root, "benchmarks", "results", "2026-11-26-h200-f4190af.json")
+    shipped = os.path.join(os.path.dirname(dispatch_table.__file__), "dispatch_tables",
+                           dispatch_table.table_filename("NVIDIA H200", (9, 0)))
+    with open(results) as f:
+        derived = tune.table_from_results(json.load(f), "benchmarks/results/2026-11-26-h200-f4190af.json")
+    with open(shipped) as f:
+        ship = json.load(f)
+    assert ship["entries"] == derived["entries"] and ship["device"] == {"name": "NVIDIA H200", "capability": [9, 0]}
+    table = dispatch_table.Table(ship, shipped)
+    x = torch.empty(1, 4, 64, 64, dtype=torch.bfloat16, device="meta")
+    found = table.lookup("scheduler_update", dispatch_table.scheduler_features(x, x))
+    assert found.distance == 0 and found.ranked()[0][0] in ("triton", "cuda")
+    q = torch.empty(1, 24, 4608, 128, dtype=torch.bfloat16, device="meta")
+    assert table.lookup("attention", dispatch_table.attention_features(q, q, None)).ranked()[0][0] == "torch:cudnn"
+
+
+def test_shipped_tables_are_found_for_their_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(dispatch_table, "_device_identity", lambda device: ("NVIDIA H200", (9, 0)))
+    monkeypatch.setenv("FLASHDIFF_CACHE_DIR", str(tmp_path))  # no user table
+    dispatch_table.reload()
+    try:
+        table = dispatch_table.table_for(torch.device("cpu"))
+        assert table is not None and "dispatch_tables" in table.origin
+    finally:
+        dispatch_table.reload()

@@ -306,3 +306,70 @@ def summary(table: dict) -> str:
         rng = f"; winner vs torch {min(ratios):.2f}-{max(ratios):.2f}x" if ratios else ""
         lines.append(f"{op}: {len(entries)} classes; fastest: {won}{rng}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ a table from a bench results file
+# Which bench row measured which implementation: the baselines that are exactly what a torch
+# implementation runs (SDPA restricted to one kernel; the eager group norm and update).
+_ROW_IMPL = {
+    "attention": {"sdpa cudnn": "torch:cudnn", "sdpa flash": "torch:flash", "sdpa efficient": "torch:efficient",
+                  "triton": "triton", "cuda": "cuda"},
+    "group_norm": {"torch eager": "torch", "triton": "triton", "cuda": "cuda"},
+    "scheduler": {"torch eager": "torch", "triton": "triton", "cuda": "cuda"},
+}
+_BENCH_OP = {"attention": "attention", "group_norm": "group_norm", "scheduler": "scheduler_update"}
+
+
+def _meta_inputs(op: str, s, dtype) -> dict:
+    """Inputs of a preset shape on the meta device (the features read shapes and layouts only)."""
+    if op == "attention":
+        q = torch.empty(s.B, s.H, s.Sq, s.D, dtype=dtype, device="meta")
+        k = torch.empty(s.B, s.H, s.Skv, s.D, dtype=dtype, device="meta")
+        return {"q": q, "k": k, "v": k, "attn_mask": None}
+    if op == "group_norm":
+        x = torch.empty(s.shape, dtype=dtype, device="meta")
+        if s.channels_last:
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        N, C = s.shape[:2]
+        sc = torch.empty(N, C, dtype=dtype, device="meta") if s.modulate else None
+        return {"x": x, "num_groups": s.groups, "scale": sc, "activation": s.activation}
+    x = torch.empty(s.shape, dtype=dtype, device="meta")
+    return {"sample": x, "model_output_uncond": x if s.cfg else None}
+
+
+def table_from_results(result: dict, source: str) -> dict:
+    """A dispatch table from a `flashdiff bench` results file of a GPU run: per op case, the
+    times of the rows that measured an implementation (`_ROW_IMPL`), rows whose sanity check
+    failed left out. The table says where it came from; `flashdiff tune` on that GPU replaces
+    it with a direct measurement."""
+    meta = result.get("meta", {})
+    if meta.get("device") != "cuda" or not meta.get("card"):
+        raise ValueError(f"{source}: not a GPU run (meta.device={meta.get('device')!r})")
+    sm = str(meta.get("card_sm") or "00")
+    table = {"schema": dispatch_table.SCHEMA,
+             "device": {"name": meta["card"], "capability": [int(sm[:-1]), int(sm[-1])]},
+             "versions": {"torch": meta.get("torch"), "triton": meta.get("triton"),
+                          "cuda": meta.get("cuda_runtime"), "flashdiff": meta.get("flashdiff")},
+             "created": str(meta.get("date", ""))[:10], "commit": meta.get("git_commit"),
+             "source": f"derived from {source} (flashdiff bench rows; see bench/tune.py::_ROW_IMPL)",
+             "entries": {}}
+    cases: Dict[tuple, Dict[str, float]] = {}
+    for r in result.get("results", []):
+        impl = _ROW_IMPL.get(r["op"], {}).get(r["backend"])
+        if impl is None or "median_ms" not in r or r.get("check") == "MISMATCH":
+            continue
+        cases.setdefault((r["op"], r["preset"], r["batch"], r["shape"], r["dtype"]), {})[impl] = round(r["median_ms"], 5)
+    for (op, preset, batch, shape, dt), times in cases.items():
+        found = [s for _, _, s in P.expand([preset], op, [batch]) if str(s) == shape]
+        if not found:
+            continue
+        inp = _meta_inputs(op, found[0], DTYPES[dt])
+        tune_op = _BENCH_OP[op]
+        ranked = sorted(times.items(), key=lambda kv: kv[1])
+        entry = {"features": _features(tune_op, inp), "shape": f"{shape} {dt} ({preset} b{batch})",
+                 "times_ms": times, "best": ranked[0][0]}
+        tt = min((v for k, v in ranked if k.startswith("torch")), default=None)
+        if tt is not None:
+            entry["best_vs_torch"] = round(tt / ranked[0][1], 3)
+        table["entries"].setdefault(tune_op, []).append(entry)
+    return table

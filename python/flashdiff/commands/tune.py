@@ -35,6 +35,9 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="also write the table to FILE")
     p.add_argument("--no-install", action="store_true", help="do not write the table to the user cache dir")
     p.add_argument("--show", action="store_true", help="print which table auto uses on this GPU and exit")
+    p.add_argument("--from-results", metavar="FILE",
+                   help="no measuring: derive a table from a GPU `flashdiff bench --json` results file "
+                        "(written to --out)")
     p.set_defaults(func=tune_main)
     return p
 
@@ -70,6 +73,16 @@ def tune_main(args) -> int:
 
     if args.show:
         return _show()
+    if args.from_results:
+        if not args.out:
+            print("flashdiff tune: --from-results needs --out FILE", file=sys.stderr)
+            return 2
+        with open(args.from_results) as f:
+            table = tune.table_from_results(json.load(f), args.from_results)
+        tune._write(table, args.out)
+        print(tune.summary(table))
+        print(f"wrote {args.out}")
+        return 0
     ops = _split(args.op) or list(tune.TUNE_OPS)
     bad = [o for o in ops if o not in tune.TUNE_OPS]
     if bad:
