@@ -179,6 +179,17 @@ _dispatch.register("cpu", _cpu_fwd, _kernel_supports)
 _dispatch.register("cuda", _cuda_fwd, _kernel_supports)
 _dispatch.register("triton", _triton_fwd, _kernel_supports)
 _dispatch.register_variant("cuda", "onepass", _cuda_onepass_fwd)
+
+
+def _triton_onepass_fwd(x, num_groups, weight, bias, eps, activation, scale, shift, stats=True):
+    """Variant "triton:onepass": one program per (n, group) holds the group in registers (x read
+    once); groups over 16K padded elements run the split kernels (triton_kernels/group_norm.py)."""
+    act = None if activation == "none" else activation
+    return _ext.load_triton()[0].group_norm.group_norm_fwd_onepass(x, num_groups, weight, bias, eps, act,
+                                                                    scale, shift)
+
+
+_dispatch.register_variant("triton", "onepass", _triton_onepass_fwd)
 register_op(_dispatch, _resolve)
 
 
@@ -209,7 +220,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     num_groups, eps, activation, backend = ctx.config
     act = None if activation == "none" else activation
-    if backend == "triton":
+    if backend.split(":")[0] == "triton":  # variants write the same mean/rstd
         grads = _ext.load_triton()[0].group_norm.group_norm_bwd(
             dy, x, num_groups, weight, bias, eps, act, scale, shift, mean, rstd)
     else:
