@@ -191,20 +191,26 @@ def test_from_config_ignores_foreign_keys_and_takes_overrides():
     s = fs.DDIMScheduler.from_config(cfg, prediction_type="v_prediction", backend="reference")
     assert s.config.beta_schedule == "scaled_linear" and s.config.prediction_type == "v_prediction"
     assert s.backend == "reference" and "backend" not in s.config
-    with pytest.raises(TypeError):
-        s.config["clip_sample"] = False
 
 
-@pytest.mark.parametrize("cls, kw, match", [
-    (fs.DDIMScheduler, dict(thresholding=True), "thresholding"),
-    (fs.DDPMScheduler, dict(variance_type="learned_range"), "variance_type"),
-    (fs.DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
-    (fs.DPMSolverMultistepScheduler, dict(solver_order=3), "solver_order"),
-    (fs.DDIMScheduler, dict(beta_schedule="nope"), "beta_schedule"),
+@pytest.mark.parametrize("cls, kw, path", [
+    (fs.DDIMScheduler, {}, "fused"),
+    (fs.DDIMScheduler, dict(thresholding=True), "two-pass"),
+    (fs.DDPMScheduler, dict(variance_type="learned_range"), "fused"),
+    (fs.DDPMScheduler, dict(variance_type="fixed_large_log"), "fallback"),
+    (fs.DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "fused"),
+    (fs.DPMSolverMultistepScheduler, dict(solver_order=3), "fallback"),
+    (fs.EulerAncestralDiscreteScheduler, dict(prediction_type="sample"), "fallback"),
 ])
-def test_unsupported_configs_say_why(cls, kw, match):
-    with pytest.raises(NotImplementedError, match=match):
-        cls(**kw)
+def test_fused_path_says_which_and_why(cls, kw, path):
+    s = cls(**kw)
+    assert s.fused_path == path
+    assert f": {path}: " in s.explain()
+
+
+def test_unknown_beta_schedule_raises_like_diffusers():
+    with pytest.raises(NotImplementedError, match="nope"):
+        fs.DDIMScheduler(beta_schedule="nope")
 
 
 def test_bad_use():

@@ -65,7 +65,7 @@ class _VelocityFromEpsilon:
         a = alphas_cumprod.to(torch.float64).numpy()
         r_train = np.sqrt((1 - a) / a)                           # VP σ of each training step
         log_r_train = np.log(r_train)
-        s = sigmas.to(torch.float64).numpy()[:-1]
+        s = sigmas.to("cpu", torch.float64).numpy()[:-1]  # diffusers keeps flow sigmas on the device
         r = np.clip(s / np.maximum(1 - s, 1e-12), r_train[0], r_train[-1])
         alpha_bar = 1 / (1 + r * r)
         self.t_model = np.interp(np.log(r), log_r_train, np.arange(len(a)))

@@ -5,8 +5,10 @@ import importlib
 
 from .report import PatchReport, _State
 
+# flashdiff's classes subclass diffusers' of the same name, so from_config(config) gives the
+# same scheduler (config, numbers) with a fused step; unpatch puts the original object back.
 _SCHEDULER_NAMES = ("DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler",
-                    "DPMSolverMultistepScheduler")
+                    "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
 
 
 def _patch_scheduler(pipe, state: _State, report: PatchReport) -> None:

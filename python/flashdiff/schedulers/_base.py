@@ -1,160 +1,51 @@
-"""What the four schedulers share: config handling, diffusers' noise draw, the beta schedules,
-and the step machinery (a [T, 12] coefficient table per step kwargs, a Python step counter).
+"""The mixin that turns a diffusers scheduler into a fused one (docs/schedulers.md).
 
-Every `step` is ONE call of `flashdiff.scheduler_update` with a row of a coefficient table that
-`set_timesteps` (or the first step with new kwargs) builds once, on the device, with the
-vectorised `*_coefs` builders. A row is a view (`table[i]`), so a step launches one kernel,
-reads nothing back to the host, and can be captured in a CUDA graph. `rewind()` restarts the step
-counter and keeps the tables, so a capture after its warm-up pass builds and copies nothing.
+`class DDIMScheduler(FusedScheduler, diffusers.DDIMScheduler)`: diffusers keeps the config,
+save/load, set_timesteps and every helper; the mixin replaces `step` with ONE call of
+`flashdiff.scheduler_update` on a row of a [T, 12] coefficient table. A subclass says how to
+build the table from the schedule (`_build_table(key)`, float64, vectorised over the steps) and
+which configurations have no affine form (`_fallback_reason()`).
 
-Schedule precision: the ᾱ (or σ) values are computed exactly as diffusers computes them
-(float32 betas and cumprod), because the contract is to match diffusers' numbers; everything
-derived from them (the 12 coefficients) is computed in float64 and rounded once to fp32.
+Tables are keyed by (step kwargs, guidance weight, device) and built on the first step that
+needs them (or explicitly before a CUDA-graph capture: sampling.GraphedSampler runs a warm-up
+pass, then `rewind()`). A row is a view, so a step launches one kernel and reads nothing back to
+the host. `set_timesteps` (or a new `timesteps` tensor) drops the tables.
+
+Paths a step can take (`scheduler.fused_path`):
+  "fused"      one scheduler_update per step;
+  "two-pass"   dynamic thresholding: a per-sample quantile of x0 is not affine, so one fused pass
+               writes x0 (and the x0-independent part of eps), torch thresholds it on the device,
+               a second fused pass finishes the update. No host sync either way;
+  "fallback"   diffusers' own step (the reason says why), which may read device values.
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import math
-from dataclasses import dataclass, fields
+from collections import OrderedDict
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
 from ..ops.scheduler import scheduler_update
+from ..reference import SCHED_COEF_NAMES
 
-__all__ = ["SchedulerOutput", "randn_tensor", "betas_for_schedule", "FusedScheduler"]
+__all__ = ["FusedScheduler", "pack_table", "make_output", "COL"]
 
-
-# ------------------------------------------------------------------ outputs
-@dataclass
-class SchedulerOutput:
-    """diffusers' output: attribute access, `out[0]`, `out.to_tuple()`."""
-    prev_sample: torch.Tensor
-
-    def to_tuple(self):
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def __getitem__(self, i):
-        return self.to_tuple()[i]
+COL = {name: i for i, name in enumerate(SCHED_COEF_NAMES)}  # column of each coefficient
 
 
-@dataclass
-class DDIMSchedulerOutput(SchedulerOutput):
-    pred_original_sample: Optional[torch.Tensor] = None
+def pack_table(n: int, **columns) -> torch.Tensor:
+    """[n, 12] float64 table from named columns (tensors [n] or numbers; missing = 0, clip = inf)."""
+    table = torch.zeros((n, len(SCHED_COEF_NAMES)), dtype=torch.float64)
+    table[:, COL["clip"]] = float("inf")
+    table[:, COL["guidance"]] = 1.0
+    for name, value in columns.items():
+        table[:, COL[name]] = value.to(torch.float64) if isinstance(value, torch.Tensor) else float(value)
+    return table
 
 
-DDPMSchedulerOutput = DDIMSchedulerOutput
-FlowMatchEulerDiscreteSchedulerOutput = SchedulerOutput
-
-
-# ------------------------------------------------------------------ config
-class FrozenConfig(dict):
-    """A read-only dict with attribute access (like diffusers' FrozenDict)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def _immutable(self, *args, **kwargs):
-        raise TypeError("the scheduler config is frozen; build a new scheduler with from_config(config, **changes)")
-
-    __setitem__ = __delitem__ = update = pop = setdefault = _immutable  # type: ignore[assignment]
-
-
-# ------------------------------------------------------------------ noise (as diffusers draws it)
-def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """diffusers.utils.torch_utils.randn_tensor: the same numbers for the same generator(s).
-
-    A CPU generator with a CUDA target draws on the CPU, then copies; a list of generators
-    draws one sample per generator (batch dimension first)."""
-    device = torch.device(device) if isinstance(device, str) else (device or torch.device("cpu"))
-    rand_device = device
-    if generator is not None:
-        gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
-        if gen_type != device.type and gen_type == "cpu":
-            rand_device = torch.device("cpu")
-        elif gen_type != device.type:
-            raise ValueError(f"cannot generate a {device} tensor from a generator on {gen_type}")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        one = (1,) + tuple(shape[1:])
-        draws = [torch.randn(one, generator=generator[i], device=rand_device, dtype=dtype)
-                 for i in range(shape[0])]
-        return torch.cat(draws, dim=0).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
-
-
-# ------------------------------------------------------------------ beta schedules (diffusers' float32 math)
-def _betas_for_alpha_bar(num_steps, max_beta=0.999, kind="cosine"):
-    if kind == "cosine":
-        def alpha_bar(t):
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-    elif kind == "laplace":
-        def alpha_bar(t):
-            lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
-            snr = math.exp(lmb)
-            return math.sqrt(snr / (1 + snr))
-    else:
-        raise ValueError(f"alpha_transform_type must be 'cosine' or 'laplace', got {kind!r}")
-    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-             for i in range(num_steps)]
-    return torch.tensor(betas, dtype=torch.float32)
-
-
-def _rescale_zero_terminal_snr(betas):
-    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    a0, aT = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
-    alphas_bar = alphas_bar_sqrt ** 2
-    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return 1 - alphas
-
-
-def betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas=None,
-                       rescale_betas_zero_snr=False, allowed=("linear", "scaled_linear", "squaredcos_cap_v2")):
-    """float32 betas [num_train_timesteps], computed the way diffusers computes them."""
-    if trained_betas is not None:
-        betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
-    elif beta_schedule not in allowed:
-        raise NotImplementedError(f"beta_schedule must be one of {allowed}, got {beta_schedule!r}")
-    elif beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        betas = _betas_for_alpha_bar(num_train_timesteps)
-    elif beta_schedule == "laplace":
-        betas = _betas_for_alpha_bar(num_train_timesteps, kind="laplace")
-    else:  # sigmoid
-        betas = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
-    if rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
-    return betas
-
-
-def spaced_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_offset):
-    """diffusers' DDIM/DDPM timestep spacing (int64 numpy array, descending)."""
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-    if num_inference_steps > num_train_timesteps:
-        raise ValueError(f"num_inference_steps ({num_inference_steps}) cannot be larger than "
-                         f"num_train_timesteps ({num_train_timesteps})")
-    if spacing == "linspace":
-        return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].copy().astype(np.int64)
-    if spacing == "leading":
-        ratio = num_train_timesteps // num_inference_steps
-        return (np.arange(0, num_inference_steps) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
-    if spacing == "trailing":
-        ratio = num_train_timesteps / num_inference_steps
-        return np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
-    raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {spacing!r}")
-
-
-# ------------------------------------------------------------------ the shared scheduler machinery
 def _hashable(value):
     """A config or schedule value as a hashable key; arrays by content (their repr elides)."""
     if isinstance(value, dict):
@@ -167,167 +58,269 @@ def _hashable(value):
     return value
 
 
+def _host_value(timestep):
+    """The timestep as a Python number when reading it needs no device sync (a number or a CPU
+    tensor), else None (a device tensor: the step counter decides)."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.device.type != "cpu" or timestep.numel() != 1:
+            return None
+        return float(timestep) if timestep.is_floating_point() else int(timestep)
+    if isinstance(timestep, np.generic):
+        return timestep.item()
+    return timestep
+
+
 class FusedScheduler:
-    """Base: diffusers-style config, from_config, step counter, per-kwargs coefficient tables.
+    """Mixin placed before a diffusers scheduler class (see the module docstring).
 
-    Subclasses define `_build_table(key) -> [T, 12] fp32 tensor on self._device` for a key of
-    step kwargs, and their own `set_timesteps` / `step`.
+    Adds: the `backend=` constructor keyword (not saved in the config), `model_output_uncond=`
+    + `guidance_scale=` on step (classifier-free guidance inside the fused update),
+    `fused_path` / `explain()`, and the internal API flashdiff.sampling uses (`_prev_sample`,
+    `rewind`, `_schedule_key`, `_tables`, `_host_timesteps`).
     """
-    order = 1
-    init_noise_sigma = 1.0
-    _unsupported: Dict[str, Any] = {}  # config value that has no affine (fusable) form -> why
 
-    def _register_config(self, local_vars):
-        params = inspect.signature(type(self).__init__).parameters
-        cfg = {name: local_vars[name] for name in params if name not in ("self", "kwargs", "backend")}
-        self.backend = local_vars.get("backend")  # flashdiff backend of the fused step (None = auto)
-        for name, (bad, why) in self._unsupported.items():
-            value = cfg.get(name)
-            if (value in bad) if isinstance(bad, tuple) else value == bad:
-                raise NotImplementedError(f"{type(self).__name__}: {name}={value!r} is not supported: {why}")
-        self.config = FrozenConfig(cfg)
-        self.num_inference_steps = None
+    # Does the family read the previous step's x0 through the kernel's prev_x0 slot (DPM-Solver)?
+    # The two-pass path then cannot lend that slot to the eps part.
+    _uses_prev_x0 = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # diffusers' ConfigMixin reads the constructor's signature to split a config into init
+        # kwargs: show it the diffusers signature plus `backend`.
+        parent = next((c for c in cls.__mro__[1:] if c.__module__.startswith("diffusers.")), None)
+        if parent is None:  # an intermediate mixin (no diffusers class yet)
+            return
+        sig = inspect.signature(parent.__init__)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        params.append(inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None))
+
+        def __init__(self, *args, backend: Optional[str] = None, **kw):
+            FusedScheduler._setup(self, backend)
+            parent.__init__(self, *args, **kw)
+
+        __init__.__signature__ = sig.replace(parameters=params)
+        __init__.__doc__ = parent.__init__.__doc__
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = __init__
+
+        # pipelines inspect set_timesteps' parameters (retrieve_timesteps: sigmas=, timesteps=)
+        ts_sig = inspect.signature(parent.set_timesteps)
+
+        @functools.wraps(parent.set_timesteps)
+        def set_timesteps(self, *args, **kw):
+            """diffusers' set_timesteps (same arguments). It runs on the host, the host copy of the
+            schedule (the tables' source) is kept, then the tensors move to `device` as diffusers
+            places them: no device read, and the old tables are dropped."""
+            bound = ts_sig.bind(self, *args, **kw)
+            device = bound.arguments.get("device")
+            if "device" in ts_sig.parameters:
+                bound.arguments["device"] = None
+            out = parent.set_timesteps(*bound.args, **bound.kwargs)
+            self._new_schedule()
+            if device is not None:
+                self._place(torch.device(device))
+            return out
+
+        cls.set_timesteps = set_timesteps
+
+    def _setup(self, backend):
+        self.backend = backend  # flashdiff backend of the fused update (None = auto)
+        self._tables: Dict[Any, list] = {}
+        self._host_timesteps = None
+        self._schedule_of = None
         self._step_index = None
-        self._begin_index = None
-        self._tables: Dict[Any, torch.Tensor] = {}
-        self._device = torch.device("cpu")
 
-    @classmethod
-    def from_config(cls, config=None, **kwargs):
-        """Build from a config dict (e.g. a diffusers scheduler's `.config`, or the scheduler
-        itself); keys this class does not take (like `_class_name`) are ignored, kwargs win."""
-        if config is not None and not isinstance(config, dict) and hasattr(config, "config"):
-            config = config.config
-        config = dict(config or {})
-        config.update(kwargs)
-        params = inspect.signature(cls.__init__).parameters
-        return cls(**{k: v for k, v in config.items() if k in params and k != "self"})
+    # ------------------------------------------------------------------ schedule bookkeeping
+    def _new_schedule(self):
+        # one device->host read per schedule (never inside a sampling loop)
+        self._host_timesteps = self.timesteps.detach().cpu().numpy()
+        self._index_of = {}
+        for i, t in enumerate(self._host_timesteps.tolist()):
+            self._index_of.setdefault(t, i)
+        self._schedule_of = self.timesteps
+        self._tables = {}
+        self._schedule_values()
 
-    # -- diffusers API odds and ends
+    def _place(self, device):
+        """Move what diffusers' set_timesteps puts on the device (the timesteps; sigmas stay on
+        the host in most of diffusers' schedulers)."""
+        self.timesteps = self._schedule_of = self.timesteps.to(device)
+
+    def _schedule_values(self):
+        """Subclasses: host float64 values the tables are built from (called per schedule)."""
+
+    def _check_schedule(self):
+        # a `timesteps` tensor assigned by hand is a new schedule too
+        if self._schedule_of is None or self.timesteps is not self._schedule_of:
+            self._new_schedule()
+
+    def _schedule_key(self):
+        """What the coefficient tables depend on (class, config, backend and the schedule),
+        hashable: equal keys, equal tables. Keys sampling's cache of captured loops."""
+        self._check_schedule()
+        sigmas = getattr(self, "sigmas", None)
+        return (type(self), _hashable(dict(self.config)), self.backend, _hashable(self._host_timesteps),
+                None if not isinstance(sigmas, torch.Tensor) else _hashable(sigmas))
+
+    def rewind(self):
+        """Back to the first step of the current schedule, keeping the coefficient tables: a
+        second pass (a CUDA-graph capture after its warm-up) then builds and copies nothing."""
+        self._check_schedule()
+        self._step_index = None
+
+    # ------------------------------------------------------------------ which path
+    def _fallback_reason(self) -> Optional[str]:
+        """Why this configuration runs diffusers' own step (None: it is fused)."""
+        return None
+
     @property
-    def step_index(self):
-        return self._step_index
+    def fused_path(self) -> str:
+        """"fused", "two-pass" (dynamic thresholding) or "fallback" (diffusers' step)."""
+        if self._fallback_reason() is not None:
+            return "fallback"
+        return "two-pass" if getattr(self.config, "thresholding", False) else "fused"
 
-    @property
-    def begin_index(self):
-        return self._begin_index
+    def explain(self) -> str:
+        """One line: the path this configuration's step takes, and why."""
+        path = self.fused_path
+        if path == "fallback":
+            return f"{type(self).__name__}: fallback: diffusers' own step, because {self._fallback_reason()}"
+        if path == "two-pass":
+            return (f"{type(self).__name__}: two-pass: two fused updates per step: dynamic thresholding takes a "
+                    "per-sample quantile of x0 (not affine), computed in torch on the device between them")
+        return f"{type(self).__name__}: fused: one scheduler_update per step"
 
-    def set_begin_index(self, begin_index: int = 0):
-        self._begin_index = begin_index
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
-
-    def __len__(self):
-        return self.config.num_train_timesteps
-
-    # -- step machinery
-    def _require_timesteps(self):
-        if self.num_inference_steps is None:
-            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
-
-    def _rows(self, key, guidance_scale=1.0):
-        """The rows (views) of the [T, 12] table for these step kwargs and guidance weight,
-        built once; a Python list, so picking a step's row costs no tensor indexing."""
-        rows = self._tables.get((key, guidance_scale))
-        if rows is None:
-            table = self._build_table(key).to(self._device).contiguous()
-            if guidance_scale != 1.0:
-                table[:, 0] = guidance_scale
-            rows = self._tables[(key, guidance_scale)] = list(table.unbind(0))
-        return rows
-
-    def _table(self, key, guidance_scale=1.0) -> torch.Tensor:
-        """The whole [T, 12] coefficient table (the rows' base tensor)."""
-        return self._rows(key, guidance_scale)[0]._base
-
-    @staticmethod
-    def _host_timestep(timestep):
-        """The timestep as a Python number when reading it needs no device sync (a number or a
-        CPU tensor), else None (a device tensor: the step counter decides)."""
-        if isinstance(timestep, torch.Tensor):
-            if timestep.device.type != "cpu" or timestep.numel() != 1:
-                return None
-            # a CPU scalar: reading it is a plain memory load, not a device sync
-            return float(timestep) if timestep.is_floating_point() else int(timestep)
-        return timestep
-
-    def _host_index(self, timestep) -> Optional[int]:
-        """The schedule index of a host-readable `timestep` (None when unknown or on device)."""
-        value = self._host_timestep(timestep)
-        return None if value is None else self._index_of.get(value)
+    # ------------------------------------------------------------------ step index
+    def _index_for(self, timestep) -> int:
+        """diffusers' index_for_timestep from the host copy of the schedule (the second match
+        when a timestep repeats); None when the value is not in the schedule."""
+        value = _host_value(timestep)
+        if value is None:
+            return None
+        hits = np.flatnonzero(self._host_timesteps == value)
+        if len(hits) == 0:
+            return None
+        return int(hits[1] if len(hits) > 1 else hits[0])
 
     def _counter_index(self, timestep) -> int:
-        """diffusers' _step_index: set on the first step (from the timestep when it is on the
-        host, else begin_index or 0), then counted in Python."""
+        """diffusers' _step_index: set on the first step (begin_index, else from a host-readable
+        timestep, else 0 for a device timestep: no sync), then counted in Python."""
         if self._step_index is None:
-            if self._begin_index is not None:
-                self._step_index = self._begin_index
+            begin = getattr(self, "_begin_index", None)
+            if begin is not None:
+                self._step_index = begin
             else:
-                found = self._host_index(timestep)
-                self._step_index = 0 if found is None else found
+                found = self._index_for(timestep)
+                if found is None:  # a device timestep starts at 0 (reading it would sync)
+                    found = 0 if _host_value(timestep) is None else self._missing_index(timestep)
+                self._step_index = found
         if self._step_index >= len(self._host_timesteps):
             raise IndexError(f"{type(self).__name__}: step() called {self._step_index + 1} times for "
                              f"{len(self._host_timesteps)} timesteps; call set_timesteps again")
         return self._step_index
 
-    @staticmethod
-    def _guided_row(row, guidance_scale):
-        """The row with the guidance weight in slot 0; a Python scale is baked into the cached
-        table instead (see callers), so this only runs for a tensor scale (stays on device)."""
-        row = row.clone()
-        row[0:1].copy_(guidance_scale.reshape(1))
-        return row
+    def _missing_index(self, timestep) -> int:
+        return 0
 
-    def _update(self, table_key, index, model_output, sample, model_output_uncond, guidance_scale,
-                noise=None, prev_x0=None, return_x0=False):
-        """(prev_sample, x0 or None): one fused update with row `index` of the table for
-        `table_key`. x0 is written only when asked: it is one more full-size output."""
-        if model_output_uncond is None:
-            row = self._rows(table_key)[index]
-        elif isinstance(guidance_scale, torch.Tensor):
-            row = self._guided_row(self._rows(table_key)[index], guidance_scale)
-        else:
-            row = self._rows(table_key, float(guidance_scale))[index]
-        out = scheduler_update(sample, model_output, row, model_output_uncond, noise, prev_x0,
-                               return_x0=return_x0, backend=self.backend)
+    # ------------------------------------------------------------------ tables
+    def _build_table(self, key) -> torch.Tensor:
+        """[T, 12] float64 coefficients for these step kwargs (subclasses)."""
+        raise NotImplementedError
+
+    def _rows(self, key, guidance, device, kind="main"):
+        """The rows (views) of a table, built once per (kind, key, guidance, device)."""
+        k = (kind, key, guidance, device)
+        rows = self._tables.get(k)
+        if rows is None:
+            if kind == "main":
+                table = self._build_table(key)
+            else:
+                table = self._threshold_tables(self._build_table(key), key)[kind == "pass2"]
+            if guidance != 1.0:
+                table[:, COL["guidance"]] = guidance
+            table = table.to(torch.float32).to(device).contiguous()
+            rows = self._tables[k] = list(table.unbind(0))
+        return rows
+
+    def _x0_columns(self, table, key):
+        """(x0_from_x, x0_from_m) of the raw x0 the thresholding reads (default: the table's)."""
+        return table[:, COL["x0_from_x"]], table[:, COL["x0_from_m"]]
+
+    def _slot_from_thresholded(self, key):
+        """(from_x, from_x0) of the value the second pass writes to the x0 slot, from x and the
+        thresholded x0 (default: x0 itself; DPM-Solver's eps form differs)."""
+        return 0.0, 1.0
+
+    def _threshold_tables(self, table, key):
+        """(pass1, pass2) of the two-pass path. pass1 writes x0 (raw, unclipped) and, as its
+        'prev', E = e_x·x + e_m·m; pass2 gets the thresholded x0 as its model output and adds
+        E through the prev_x0 slot (or the previous x0 there, for DPM-Solver, whose rows read no eps)."""
+        n = table.shape[0]
+        x0_x, x0_m = self._x0_columns(table, key)
+        pass1 = pack_table(n, x0_from_x=x0_x, x0_from_m=x0_m, eps_from_x=table[:, COL["eps_from_x"]],
+                           eps_from_m=table[:, COL["eps_from_m"]], prev_from_eps=1.0)
+        pass2 = table.clone()
+        from_x, from_x0 = self._slot_from_thresholded(key)
+        pass2[:, COL["guidance"]] = 1.0
+        pass2[:, COL["x0_from_x"]] = from_x
+        pass2[:, COL["x0_from_m"]] = from_x0
+        pass2[:, COL["clip"]] = float("inf")
+        pass2[:, COL["eps_from_x"]] = 0.0
+        pass2[:, COL["eps_from_m"]] = 0.0
+        if not self._uses_prev_x0:
+            pass2[:, COL["prev_from_prev_x0"]] = table[:, COL["prev_from_eps"]]
+        return pass1, pass2
+
+    def _update(self, key, index, model_output, sample, uncond=None, guidance_scale=1.0, noise=None,
+                prev_x0=None, return_x0=False):
+        """(prev_sample, x0 or None) for step `index`: one fused update (two on the two-pass path)."""
+        tensor_g = isinstance(guidance_scale, torch.Tensor)
+        g = 1.0 if (uncond is None or tensor_g) else float(guidance_scale)
+        device = sample.device
+        if getattr(self.config, "thresholding", False):
+            row1 = self._rows(key, g, device, "pass1")[index]
+            if uncond is not None and tensor_g:
+                row1 = _guided_row(row1, guidance_scale)
+            eps_part, x0 = scheduler_update(sample, model_output, row1, uncond, None, None,
+                                            return_x0=True, backend=self.backend)
+            x0 = self._threshold_sample(x0)
+            row2 = self._rows(key, 1.0, device, "pass2")[index]
+            slot = prev_x0 if self._uses_prev_x0 else eps_part
+            return scheduler_update(sample, x0, row2, None, noise, slot, return_x0=True, backend=self.backend)
+        row = self._rows(key, g, device)[index]
+        if uncond is not None and tensor_g:
+            row = _guided_row(row, guidance_scale)
+        out = scheduler_update(sample, model_output, row, uncond, noise, prev_x0, return_x0=return_x0,
+                               backend=self.backend)
         return out if return_x0 else (out, None)
-
-    # Families whose public step output carries pred_original_sample (DDIM, DDPM) implement
-    # _step(model_output, timestep, sample, **step_kwargs, return_x0=...) -> (prev, x0 or None).
-    _step = None
 
     def _prev_sample(self, model_output, timestep, sample, **step_kwargs) -> torch.Tensor:
         """`step(...).prev_sample` for the sampling loop, which reads nothing else: where the
-        public output carries pred_original_sample, this step does not write it (one full-size
-        output less); the other families' step writes only what they need anyway."""
-        if self._step is not None:
-            return self._step(model_output, timestep, sample, return_x0=False, **step_kwargs)[0]
-        return self.step(model_output, timestep, sample, return_dict=False, **step_kwargs)[0]
+        public output carries pred_original_sample, this step does not write it."""
+        return self._step(model_output, timestep, sample, return_x0=False, **step_kwargs)[0]
 
-    def rewind(self):
-        """Back to the first step of the current schedule, keeping the coefficient tables (and
-        the timesteps tensor): a second pass over the schedule, like a CUDA graph capture after
-        its warm-up, then builds and copies nothing. set_timesteps instead starts afresh and
-        drops the tables."""
-        self._require_timesteps()
-        self._step_index = None
+    def _fallback_step(self, model_output, timestep, sample, uncond, guidance_scale, return_dict, **kwargs):
+        """diffusers' own step, guidance applied first in torch (the fallback path)."""
+        if uncond is not None:
+            model_output = uncond + guidance_scale * (model_output - uncond)
+        return super().step(model_output, timestep, sample, return_dict=return_dict, **kwargs)
 
-    def _schedule_key(self):
-        """What the coefficient tables depend on (class, config, backend and the schedule that
-        set_timesteps made), hashable: equal keys, equal tables. Keys a cache of captured loops."""
-        sigmas = getattr(self, "sigmas", None)
-        return (type(self), _hashable(dict(self.config)), self.backend, _hashable(self._host_timesteps),
-                None if sigmas is None else _hashable(sigmas))
 
-    def _finish_set_timesteps(self, timesteps: np.ndarray, device, dtype=torch.int64):
-        self._device = torch.device(device) if device is not None else torch.device("cpu")
-        self._host_timesteps = timesteps
-        self._index_of = {}
-        for i, t in enumerate(timesteps.tolist()):
-            self._index_of.setdefault(t, i)
-        self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=self._device, dtype=dtype)
-        self.num_inference_steps = len(timesteps)
-        self._tables = {}
-        self._step_index = None
-        self._begin_index = None
+def make_output(cls, **values):
+    """`cls(**values)` for a diffusers BaseOutput dataclass, without its __post_init__ walk over
+    the dataclass fields (3 µs, a fifth of a fused step at latent sizes): the same state, the
+    values as attributes and the non-None ones as items, in field order."""
+    out = cls.__new__(cls)
+    for name, value in values.items():
+        if value is not None:
+            OrderedDict.__setitem__(out, name, value)
+        object.__setattr__(out, name, value)
+    return out
+
+
+def _guided_row(row, guidance_scale):
+    """The row with a tensor guidance weight in slot 0 (stays on the device; a Python weight is
+    baked into the cached table instead)."""
+    row = row.clone()
+    row[0:1].copy_(guidance_scale.reshape(1))
+    return row

@@ -1,96 +1,99 @@
-"""DDPMScheduler: diffusers' DDPMScheduler, whose step is one fused `scheduler_update`."""
+"""DDPMScheduler: diffusers' DDPMScheduler whose step is one fused `scheduler_update`."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
-import numpy as np
 import torch
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler as _DiffusersDDPM
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
-from ..ops.scheduler import ddpm_coefs
-from ._base import DDPMSchedulerOutput, FusedScheduler, betas_for_schedule, randn_tensor, spaced_timesteps
-from .ddim import _THRESHOLDING_WHY, _add_noise
+from ._base import FusedScheduler, _host_value, make_output, pack_table
 
-_LEARNED_WHY = "a learned variance comes from the model output, so the update is not affine in fixed coefficients"
+_LEARNED = ("learned", "learned_range")
 
 
-class DDPMScheduler(FusedScheduler):
-    """Same constructor, config and numbers as `diffusers.DDPMScheduler` (Ho et al. 2020),
-    ancestral sampling with noise drawn from `generator` exactly as diffusers draws it.
+class DDPMScheduler(FusedScheduler, _DiffusersDDPM):
+    """diffusers.DDPMScheduler (same config, save/load, set_timesteps, outputs and numbers) with a
+    fused ancestral step; noise is drawn from `generator` exactly as diffusers draws it.
 
-    `model_output_uncond` + `guidance_scale` fuse classifier-free guidance into the step.
-    Without set_timesteps it steps through every training timestep (as diffusers does).
+    Learned variances ("learned", "learned_range": the model's second half of channels) are not
+    affine in the noise: torch scales the noise by the predicted std on the device, then the
+    fused update adds it with weight 1 (still no host sync). With guidance the variance half
+    comes from the conditional output. "fixed_large_log" falls back to diffusers' step (it
+    takes the square root of a log variance, so its numbers are diffusers' alone).
     """
-    _unsupported = {"thresholding": (True, _THRESHOLDING_WHY),
-                    "variance_type": (("fixed_large_log", "learned", "learned_range"), _LEARNED_WHY)}
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",
-                 clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
-                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
-                 rescale_betas_zero_snr: bool = False, backend: Optional[str] = None):
-        self._register_config(locals())
-        self.betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                        rescale_betas_zero_snr,
-                                        allowed=("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid"))
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # float32, as diffusers
-        self.variance_type = variance_type
-        self.custom_timesteps = False
-        self._set_schedule(np.arange(num_train_timesteps)[::-1].copy().astype(np.int64), None)
-        self.num_inference_steps = None
+    def _fallback_reason(self):
+        if self.config.variance_type == "fixed_large_log":
+            return "variance_type='fixed_large_log': diffusers' step takes the square root of a log variance"
+        return None
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
-                      timesteps: Optional[List[int]] = None):
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps or timesteps")
-        if timesteps is not None:
-            timesteps = np.array(timesteps, dtype=np.int64)
-            if np.any(np.diff(timesteps) >= 0):
-                raise ValueError("custom timesteps must be in descending order")
-            if timesteps[0] >= self.config.num_train_timesteps or timesteps[-1] < 0:
-                raise ValueError(f"custom timesteps must lie in [0, {self.config.num_train_timesteps})")
-            self.custom_timesteps = True
+    def _schedule_values(self):
+        ts = torch.from_numpy(self._host_timesteps.astype("int64"))
+        if self.custom_timesteps or self.num_inference_steps:
+            prev = torch.cat([ts[1:], ts.new_tensor([-1])])  # diffusers' previous_timestep
         else:
-            timesteps = spaced_timesteps(self.config.timestep_spacing, self.config.num_train_timesteps,
-                                         num_inference_steps, self.config.steps_offset)
-            self.custom_timesteps = False
-        self._set_schedule(timesteps, device)
-
-    def _set_schedule(self, timesteps, device):
-        self._finish_set_timesteps(timesteps, device)
-        # diffusers' previous_timestep: the next entry of the schedule, -1 (ᾱ = 1) after the last.
-        a = self.alphas_cumprod.to(torch.float64)
-        t = torch.from_numpy(timesteps)
-        prev = torch.cat([t[1:], t.new_tensor([-1])])
-        self._a_t = a[t]
-        self._a_prev = torch.where(prev >= 0, a[prev.clamp(min=0)], torch.ones((), dtype=torch.float64))
+            prev = ts - 1
+        # float32 like diffusers: ᾱ_t/ᾱ_prev rounds, and 1 − that (β_t ~ 1e-4) keeps the rounding,
+        # so matching diffusers' numbers means rounding where it rounds (float64 from there on)
+        a_t = self.alphas_cumprod[ts]
+        a_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], torch.ones(()))
+        alpha = a_t / a_prev
+        beta = 1 - alpha
+        var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
+        self._f32 = (a_t, a_prev, alpha, beta, var)
+        self._log_range = (var.log().tolist(), beta.log().tolist())  # learned_range's min/max log variance
 
     def _build_table(self, key):
-        return ddpm_coefs(self._a_t, self._a_prev, self.variance_type, self.config.prediction_type,
-                          self.config.clip_sample_range if self.config.clip_sample else None)
+        cfg = self.config
+        a_t, a_prev, alpha, beta, var = (v.to(torch.float64) for v in self._f32)
+        if cfg.variance_type == "fixed_large":
+            std = beta.sqrt()
+        elif cfg.variance_type in _LEARNED:
+            std = torch.ones_like(beta)  # the noise comes scaled by the predicted std
+        else:  # fixed_small, fixed_small_log (the same std) and unknown names, as diffusers
+            std = var.sqrt()
+        sqrt_a, sqrt_b = a_t.sqrt(), (1 - a_t).sqrt()
+        pred = cfg.prediction_type
+        if pred == "epsilon":
+            x0 = dict(x0_from_x=1 / sqrt_a, x0_from_m=-sqrt_b / sqrt_a)
+        elif pred == "sample":
+            x0 = dict(x0_from_m=1.0)
+        elif pred == "v_prediction":
+            x0 = dict(x0_from_x=sqrt_a, x0_from_m=-sqrt_b)
+        else:
+            raise ValueError(f"prediction_type given as {pred} must be one of `epsilon`, `sample` or "
+                             "`v_prediction`  for the DDPMScheduler.")
+        clip = cfg.clip_sample_range if (cfg.clip_sample and not cfg.thresholding) else float("inf")
+        return pack_table(len(a_t), clip=clip, prev_from_x0=a_prev.sqrt() * beta / (1 - a_t),
+                          prev_from_x=alpha.sqrt() * (1 - a_prev) / (1 - a_t), prev_from_noise=std, **x0)
 
-    def previous_timestep(self, timestep):
-        index = self._host_index(timestep)
-        if index is None:
-            raise ValueError(f"timestep {timestep!r} is not in this schedule")
-        return int(self._host_timesteps[index + 1]) if index + 1 < len(self._host_timesteps) else -1
-
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True, model_output_uncond: Optional[torch.Tensor] = None,
-             guidance_scale=1.0, variance_noise: Optional[torch.Tensor] = None):
-        """x_{t-1} from x_t: one fused kernel. Noise (for t > 0) is drawn from `generator` as
-        diffusers draws it, unless `variance_noise` is given."""
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, return_dict: bool = True,
+             model_output_uncond: Optional[torch.Tensor] = None, guidance_scale=1.0,
+             variance_noise: Optional[torch.Tensor] = None):
+        """x_{t-1} from x_t (diffusers' arguments and outputs). Noise (t > 0) is drawn from
+        `generator` as diffusers draws it, unless `variance_noise` is given."""
+        if self._fallback_reason() is not None or not self._fusable(model_output, sample):
+            return self._fallback_step(model_output, timestep, sample, model_output_uncond, guidance_scale,
+                                       return_dict, generator=generator)
         prev, x0 = self._step(model_output, timestep, sample, generator, model_output_uncond, guidance_scale,
                               variance_noise, return_x0=True)
         if not return_dict:
             return prev, x0
-        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return make_output(DDPMSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
+
+    def _fusable(self, model_output, sample):
+        # diffusers splits off a learned variance only when the output has twice the channels
+        if self.variance_type in _LEARNED:
+            return model_output.shape[1] == 2 * sample.shape[1]
+        return model_output.shape == sample.shape
 
     def _step(self, model_output, timestep, sample, generator=None, model_output_uncond=None, guidance_scale=1.0,
               variance_noise=None, *, return_x0):
-        """step's work: (prev_sample, x0, or None unless return_x0)."""
-        t_host = self._host_timestep(timestep)
+        self._check_schedule()
+        t_host = _host_value(timestep)
         if t_host is None:
             index = self._counter_index(timestep)
         else:
@@ -98,15 +101,28 @@ class DDPMScheduler(FusedScheduler):
             if index is None:
                 raise ValueError(f"timestep {t_host} is not in this scheduler's timesteps")
         self._step_index = index + 1
+        predicted_variance = None
+        if self.variance_type in _LEARNED:
+            c = sample.shape[1]
+            model_output, predicted_variance = model_output[:, :c], model_output[:, c:]
+            if model_output_uncond is not None:
+                model_output_uncond = model_output_uncond[:, :c]
         noise = None
         if self._host_timesteps[index] > 0:
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            if predicted_variance is not None:
+                noise = self._learned_std(predicted_variance, index) * noise
         return self._update((), index, model_output, sample, model_output_uncond, guidance_scale, noise,
                             return_x0=return_x0)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        return _add_noise(self.alphas_cumprod, original_samples, noise, timesteps)
+    def _learned_std(self, predicted_variance, index):
+        """The noise scale of a learned variance, elementwise on the device (diffusers' formulas)."""
+        if self.variance_type == "learned":
+            return predicted_variance ** 0.5
+        min_log, max_log = self._log_range[0][index], self._log_range[1][index]
+        frac = (predicted_variance + 1) / 2
+        return torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
 
 
 __all__ = ["DDPMScheduler"]

@@ -1,168 +1,170 @@
-"""DPMSolverMultistepScheduler: diffusers' DPM-Solver++ (2M, midpoint), one fused step."""
+"""DPMSolverMultistepScheduler: diffusers' DPM-Solver(++) multistep, one fused update per step."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
-import numpy as np
 import torch
+from diffusers.schedulers.scheduling_dpmsolver_multistep import \
+    DPMSolverMultistepScheduler as _DiffusersDPM
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
-from ..ops.scheduler import dpmpp_2m_coefs
-from ._base import FusedScheduler, SchedulerOutput, betas_for_schedule
-from .ddim import _THRESHOLDING_WHY, _add_noise
+from ._base import FusedScheduler, make_output, pack_table
 
 
-class DPMSolverMultistepScheduler(FusedScheduler):
-    """Same constructor, config and numbers as `diffusers.DPMSolverMultistepScheduler` for
-    algorithm_type="dpmsolver++", solver_order 1 or 2, solver_type="midpoint" (its defaults).
+class DPMSolverMultistepScheduler(FusedScheduler, _DiffusersDPM):
+    """diffusers.DPMSolverMultistepScheduler (same config, save/load, set_timesteps, outputs and
+    numbers) with a fused step.
 
-    Each step converts the model output to x0 and applies the multistep update in one fused
-    kernel, which also writes x0; the previous x0 is kept for the second-order term. The order
-    of each step (first at the start and, per lower_order_final / final_sigmas_type, at the
-    end) is decided on the host from the step counter, so nothing is read back.
-    `model_output_uncond` + `guidance_scale` fuse classifier-free guidance.
+    Every algorithm_type (dpmsolver++, dpmsolver, sde-dpmsolver++, sde-dpmsolver), both
+    solver_types and solver_order 1 and 2 are affine in (sample, model output, the previous
+    converted output, noise): the kernel converts the model output (to x0, or to eps for the
+    dpmsolver forms; written to the x0 slot and kept in `model_outputs` as diffusers keeps it) and
+    applies the first- or second-order update, the previous converted output coming through the
+    prev_x0 slot. The order of each step is decided on the host from the step counter.
+    solver_order 3 needs two previous outputs, one more than the kernel reads: diffusers' step.
     """
-    _unsupported = {
-        "thresholding": (True, _THRESHOLDING_WHY),
-        "algorithm_type": (("dpmsolver", "sde-dpmsolver", "sde-dpmsolver++"),
-                           "only dpmsolver++ (the default) has a fused form here"),
-        "solver_type": ("heun", "only the midpoint solver (the default) has a fused form here"),
-        "prediction_type": ("flow_prediction", "flow prediction is not supported; use FlowMatchEulerDiscreteScheduler"),
-        "variance_type": (("learned", "learned_range"), "learned variances are not supported"),
-        "use_flow_sigmas": (True, "flow sigmas are not supported; use FlowMatchEulerDiscreteScheduler"),
-        "use_lu_lambdas": (True, "Lu lambdas are not implemented"),
-        "use_exponential_sigmas": (True, "exponential sigmas are not implemented"),
-        "use_beta_sigmas": (True, "beta sigmas are not implemented"),
-    }
+    _uses_prev_x0 = True
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
-                 prediction_type: str = "epsilon", thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
-                 lower_order_final: bool = True, euler_at_final: bool = False, use_karras_sigmas: bool = False,
-                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
-                 use_lu_lambdas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
-                 final_sigmas_type: str = "zero", lambda_min_clipped: float = -float("inf"),
-                 variance_type: Optional[str] = None, timestep_spacing: str = "linspace", steps_offset: int = 0,
-                 rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
-                 time_shift_type: str = "exponential", backend: Optional[str] = None):
-        self._register_config(locals())
-        if solver_order not in (1, 2):
-            raise NotImplementedError(f"solver_order must be 1 or 2 for the fused step, got {solver_order}")
-        if final_sigmas_type not in ("zero", "sigma_min"):
-            raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-        self.betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                        rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2 ** -24
-        self.alpha_t = torch.sqrt(self.alphas_cumprod)
-        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
-                                                      dtype=np.float32)[::-1].copy())
-        self.lower_order_nums = 0
-        self._prev_x0 = None
+    def _fallback_reason(self):
+        if self.config.solver_order == 3:
+            return "solver_order=3 combines two previous model outputs; the fused update reads one"
+        return None
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
-                      timesteps: Optional[List[int]] = None):
-        cfg, T = self.config, self.config.num_train_timesteps
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps or timesteps")
-        if timesteps is not None:
-            if cfg.use_karras_sigmas:
-                raise ValueError("cannot pass timesteps with use_karras_sigmas=True")
-            timesteps = np.array(timesteps).astype(np.int64)
+    def _missing_index(self, timestep):
+        return len(self._host_timesteps) - 1  # diffusers' index_for_timestep: no match = the last step
+
+    def _alpha_sigma(self, s):
+        if self.config.use_flow_sigmas:
+            return 1 - s, s
+        alpha = 1 / (s * s + 1).sqrt()
+        return alpha, s * alpha
+
+    def _schedule_values(self):
+        s = self.sigmas.detach().to("cpu", torch.float64)
+        n = len(self._host_timesteps)
+        # step i goes σ[i] → σ[i+1]; the second-order term also reads σ[i−1] (row 0: unused)
+        self._sig = (s[1:n + 1], s[:n], torch.cat([s[:1], s[:n - 1]]))
+
+    def _conversion(self):
+        """(from_x, from_m) of the converted model output (x0 for the ++ forms, else eps), per step."""
+        cfg = self.config
+        _, s0, _ = self._sig
+        alpha, sigma = self._alpha_sigma(s0)
+        one, zero = torch.ones_like(s0), torch.zeros_like(s0)
+        pred = cfg.prediction_type
+        if cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            forms = {"epsilon": (1 / alpha, -sigma / alpha), "sample": (zero, one),
+                     "v_prediction": (alpha, -sigma), "flow_prediction": (one, -s0)}
         else:
-            clipped_idx = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
-            last = T - clipped_idx
-            n = num_inference_steps
-            if cfg.timestep_spacing == "linspace":
-                timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-            elif cfg.timestep_spacing == "leading":
-                ratio = last // (n + 1)
-                timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-                timesteps += cfg.steps_offset
-            elif cfg.timestep_spacing == "trailing":
-                ratio = T / n
-                timesteps = np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
-            else:
-                raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', "
-                                 f"got {cfg.timestep_spacing!r}")
-        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # float32, as diffusers
-        log_sigmas = np.log(sigmas)
-        if cfg.use_karras_sigmas:
-            flipped = np.flip(sigmas).copy()
-            lo, hi = float(flipped[-1]), float(flipped[0])
-            ramp = np.linspace(0, 1, num_inference_steps)
-            sigmas = (hi ** (1 / 7.0) + ramp * (lo ** (1 / 7.0) - hi ** (1 / 7.0))) ** 7.0
-            timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
-            if cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-        if cfg.final_sigmas_type == "sigma_min":
-            sigma_last = float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
-        else:
-            sigma_last = 0.0
-        sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        self._finish_set_timesteps(np.asarray(timesteps).astype(np.int64), device)
-        self.sigmas = torch.from_numpy(sigmas)  # host float32, as diffusers keeps them
-        s = self.sigmas.to(torch.float64)
-        n = len(timesteps)
-        # step i goes σ[i] → σ[i+1]; the second-order term also uses σ[i−1] (row 0: unused).
-        self._sig = (s[1:], s[:-1], torch.cat([s[:1], s[:-2]]))
-        self._final_first_order = cfg.euler_at_final or (cfg.lower_order_final and n < 15) \
-            or cfg.final_sigmas_type == "zero"
-        self.lower_order_nums = 0
-        self._prev_x0 = None
+            forms = {"epsilon": (zero, one), "sample": (1 / sigma, -alpha / sigma),
+                     "v_prediction": (sigma, alpha)}
+        if pred not in forms:
+            raise ValueError(f"prediction_type given as {pred} must be one of `epsilon`, `sample`, "
+                             "`v_prediction`, or `flow_prediction` for the DPMSolverMultistepScheduler.")
+        return forms[pred]
+
+    def _x0_columns(self, table, key):
+        # the thresholding reads x0; the dpmsolver forms convert to eps, so x0 = (x − σ·eps)/α
+        if self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            return super()._x0_columns(table, key)
+        alpha, sigma = self._alpha_sigma(self._sig[1])
+        d_x, d_m = self._conversion()
+        return 1 / alpha - sigma / alpha * d_x, -sigma / alpha * d_m
+
+    def _slot_from_thresholded(self, key):
+        if self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            return 0.0, 1.0
+        alpha, sigma = self._alpha_sigma(self._sig[1])  # eps = (x − α·x0)/σ
+        return 1 / sigma, -alpha / sigma
 
     def _build_table(self, key):
         (second,) = key
-        s_next, s, s_prev = self._sig
-        return dpmpp_2m_coefs(s_next, s, s_prev if second else None, self.config.prediction_type)
+        cfg = self.config
+        s_t, s_0, s_1 = self._sig
+        a_t, g_t = self._alpha_sigma(s_t)
+        a_0, g_0 = self._alpha_sigma(s_0)
+        a_1, g_1 = self._alpha_sigma(s_1)
+        lam_t, lam_0, lam_1 = a_t.log() - g_t.log(), a_0.log() - g_0.log(), a_1.log() - g_1.log()
+        h = lam_t - lam_0
+        algo, heun = cfg.algorithm_type, cfg.solver_type == "heun"
+        noise = 0.0
+        # x_t = c_x·x + c_d0·D0 + c_d1·D1 (+ noise), D0 = m0, D1 = (m0 − m1)/r0 (diffusers' forms)
+        if algo == "dpmsolver++":
+            c_x, c_d0 = g_t / g_0, -a_t * (torch.exp(-h) - 1)
+            c_d1 = a_t * ((torch.exp(-h) - 1) / h + 1) if heun else 0.5 * c_d0
+        elif algo == "dpmsolver":
+            c_x, c_d0 = a_t / a_0, -g_t * (torch.exp(h) - 1)
+            c_d1 = -g_t * ((torch.exp(h) - 1) / h - 1) if heun else 0.5 * c_d0
+        elif algo == "sde-dpmsolver++":
+            c_x, c_d0 = g_t / g_0 * torch.exp(-h), a_t * (1 - torch.exp(-2 * h))
+            c_d1 = a_t * ((1 - torch.exp(-2 * h)) / (-2 * h) + 1) if heun else 0.5 * c_d0
+            noise = g_t * (1 - torch.exp(-2 * h)).sqrt()
+        else:  # sde-dpmsolver
+            c_x, c_d0 = a_t / a_0, -2 * g_t * (torch.exp(h) - 1)
+            c_d1 = -2 * g_t * ((torch.exp(h) - 1) / h - 1) if heun else 0.5 * c_d0
+            noise = g_t * (torch.exp(2 * h) - 1).sqrt()
+        d_x, d_m = self._conversion()
+        n = len(s_0)
+        if not second:
+            return pack_table(n, x0_from_x=d_x, x0_from_m=d_m, prev_from_x=c_x, prev_from_x0=c_d0,
+                              prev_from_noise=noise)
+        inv_r0 = h / (lam_0 - lam_1)
+        return pack_table(n, x0_from_x=d_x, x0_from_m=d_m, prev_from_x=c_x, prev_from_x0=c_d0 + c_d1 * inv_r0,
+                          prev_from_prev_x0=-c_d1 * inv_r0, prev_from_noise=noise)
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             variance_noise=None, return_dict: bool = True,
-             model_output_uncond: Optional[torch.Tensor] = None, guidance_scale=1.0):
-        """One DPM-Solver++ step, fused (x0 conversion + first- or second-order update).
-        generator / variance_noise are accepted and unused, as in diffusers for dpmsolver++."""
-        self._require_timesteps()
-        index = self._counter_index(timestep)
-        last = index == self.num_inference_steps - 1
-        second = (self.config.solver_order == 2 and self.lower_order_nums >= 1
-                  and not (last and self._final_first_order))
-        # x0 is always written: the next step's second-order term reads it
-        prev, x0 = self._update((second,), index, model_output, sample, model_output_uncond, guidance_scale,
-                                prev_x0=self._prev_x0 if second else None, return_x0=True)
-        self._prev_x0 = x0
-        if self.lower_order_nums < self.config.solver_order:
-            self.lower_order_nums += 1
-        self._step_index = index + 1
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, variance_noise: Optional[torch.Tensor] = None,
+             return_dict: bool = True, model_output_uncond: Optional[torch.Tensor] = None, guidance_scale=1.0):
+        """One multistep step (diffusers' arguments and outputs), fused: output conversion and
+        update in one kernel, which also writes the converted output the next step reads."""
+        if self._fallback_reason() is not None:
+            return self._fallback_step(model_output, timestep, sample, model_output_uncond, guidance_scale,
+                                       return_dict, generator=generator, variance_noise=variance_noise)
+        prev = self._step(model_output, timestep, sample, generator, variance_noise, model_output_uncond,
+                          guidance_scale, return_x0=True)[0]
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return make_output(SchedulerOutput, prev_sample=prev)
+
+    def _step(self, model_output, timestep, sample, generator=None, variance_noise=None, model_output_uncond=None,
+              guidance_scale=1.0, *, return_x0=True):
+        cfg = self.config
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
+        self._check_schedule()
+        index = self._counter_index(timestep)
+        n = len(self._host_timesteps)
+        last_first_order = index == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                               or cfg.final_sigmas_type == "zero")
+        second = cfg.solver_order == 2 and self.lower_order_nums >= 1 and not last_first_order
+        if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
+            # diffusers keeps the first 3 channels (the rest is the learned variance)
+            model_output = model_output[:, :3]
+            if model_output_uncond is not None:
+                model_output_uncond = model_output_uncond[:, :3]
+        noise = None
+        if cfg.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+            noise = noise.to(device=sample.device, dtype=sample.dtype)
+        # the converted output is always written: the next step's second-order term reads it
+        prev, converted = self._update((second,), index, model_output, sample, model_output_uncond,
+                                       guidance_scale, noise, self.model_outputs[-1] if second else None,
+                                       return_x0=True)
+        outputs = self.model_outputs
+        outputs[:-1] = outputs[1:]
+        outputs[-1] = converted
+        if self.lower_order_nums < cfg.solver_order:
+            self.lower_order_nums += 1
+        self._step_index = index + 1
+        return prev, None
 
     def rewind(self):
         super().rewind()
-        self.lower_order_nums = 0  # the second pass starts first order again, as a fresh schedule does
-        self._prev_x0 = None
-
-    def add_noise(self, original_samples, noise, timesteps):
-        return _add_noise(self.alphas_cumprod, original_samples, noise, timesteps)
-
-
-def _sigma_to_t(sigma, log_sigmas):
-    """diffusers' interpolation of a σ back to a (fractional) training timestep."""
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigma))
+        self.lower_order_nums = 0  # a second pass starts first order again, as a fresh schedule does
+        self.model_outputs = [None] * self.config.solver_order
 
 
 __all__ = ["DPMSolverMultistepScheduler"]
