@@ -63,7 +63,8 @@ class Mlp(nn.Module):
 # ================================================================== blocks
 class DiTBlock(nn.Module):
     """adaLN-Zero block: x += gate·Attn(modulate(LN(x))); [x += CrossAttn(LN(x), ctx)];
-    x += gate·MLP(modulate(LN(x))). The modulation MLP is zero-initialised (identity block)."""
+    x += gate·MLP(modulate(LN(x))). The modulation MLP is zero-initialised (identity block).
+    Each modulate(LN(x)) is one flashdiff.layer_norm call (AdaLayerNorm) on the [N, D] chunks."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, context_dim: Optional[int], backend=None):
         super().__init__()

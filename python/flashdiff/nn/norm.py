@@ -1,4 +1,5 @@
-"""GroupNormAct: GroupNorm + per-sample scale/shift (AdaGN) + activation, one fused op."""
+"""GroupNormAct (GroupNorm + per-sample scale/shift (AdaGN) + activation) and AdaLayerNorm
+(LayerNorm + adaLN scale/shift), each one fused op."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.group_norm import group_norm
+from ..ops.layer_norm import layer_norm
 
 
 class GroupNormAct(nn.Module):
@@ -38,10 +40,10 @@ class GroupNormAct(nn.Module):
 
 class AdaLayerNorm(nn.Module):
     """LayerNorm over the last dim (no affine) with adaLN modulation, one fused op:
-    y = LN(x)·(1 + scale) + shift, x [N, T, D], scale/shift [N, D].
+    y = LN(x)·(1 + scale) + shift, x [N, T, D], scale/shift [N, D] or None.
 
-    Lowered to group_norm with one group on [N·T, D, 1] (a token is a "sample"), the
-    per-sample modulation broadcast over the T tokens of each sample.
+    `flashdiff.layer_norm` takes the per-sample [N, D] modulation as it is and broadcasts it
+    over the T tokens inside the kernel: no per-token copy of scale/shift per call.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, backend: Optional[str] = None):
@@ -50,14 +52,7 @@ class AdaLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        N, T, D = x.shape
-
-        def per_token(m):  # (N, D) → (N·T, D)
-            return None if m is None else m[:, None, :].expand(N, T, D).reshape(N * T, D)
-
-        y = group_norm(x.reshape(N * T, D, 1), 1, None, None, self.eps, None, per_token(scale), per_token(shift),
-                       backend=self.backend)
-        return y.view(N, T, D)
+        return layer_norm(x, (self.dim,), eps=self.eps, scale=scale, shift=shift, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, backend={self.backend!r}"
