@@ -78,12 +78,27 @@ def _reference_fwd(x, num_groups, weight, bias, eps, activation, scale, shift, s
 
 
 def _kernel_layout(x):
-    """(tensor, channels_last) in a layout the compiled kernels read: dense NC* or N*C."""
+    """(tensor, channels_last) in a layout every kernel reads and every backend's output takes
+    (the documented output layout, see group_norm): dense NC* or N*C; other strides are copied
+    to contiguous."""
     if x.is_contiguous():
         return x, False
     if check.is_dense_channels_last(x):
         return x, True
     return x.contiguous(), False
+
+
+def empty_output(x):
+    """An uninitialized y in group_norm's output layout for x, without reading x's values (the
+    fake implementation and the empty-input path use it; kernels allocate like _kernel_layout's
+    tensor, which has the same strides): [N, *spatial, C] in memory when x is stored densely so
+    and is not contiguous, else contiguous. A transposed or batch-permuted dense x gets a
+    contiguous y, not x's strides (torch.empty_like would keep them)."""
+    if x.is_contiguous() or not check.is_dense_channels_last(x):
+        return x.new_empty(x.shape)
+    perm = (0, *range(2, x.dim()), 1)
+    inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
+    return x.new_empty([x.shape[i] for i in perm]).permute(inverse)
 
 
 def _compiled_fwd(module, x, num_groups, weight, bias, eps, activation, scale, shift, stream=(),
@@ -169,8 +184,12 @@ def _torch_fwd(x, num_groups, weight, bias, eps, activation, scale, shift, stats
 
 
 def _triton_fwd(x, num_groups, weight, bias, eps, activation, scale, shift, stats=True):
+    # The launcher reads any x whose spatial dims collapse in place and allocates y like it;
+    # handing it _kernel_layout's tensor keeps y in the documented layout (a batch-permuted or
+    # sliced x would otherwise give y x's strides, where the other backends give contiguous).
     act = None if activation == "none" else activation
-    return _ext.load_triton()[0].group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, act, scale, shift)
+    return _ext.load_triton()[0].group_norm.group_norm_fwd(_kernel_layout(x)[0], num_groups, weight, bias,
+                                                            eps, act, scale, shift)
 
 
 _dispatch.register("reference", _reference_fwd)
@@ -185,8 +204,8 @@ def _triton_onepass_fwd(x, num_groups, weight, bias, eps, activation, scale, shi
     """Variant "triton:onepass": one program per (n, group) holds the group in registers (x read
     once); groups over 16K padded elements run the split kernels (triton_kernels/group_norm.py)."""
     act = None if activation == "none" else activation
-    return _ext.load_triton()[0].group_norm.group_norm_fwd_onepass(x, num_groups, weight, bias, eps, act,
-                                                                    scale, shift)
+    return _ext.load_triton()[0].group_norm.group_norm_fwd_onepass(_kernel_layout(x)[0], num_groups, weight,
+                                                                    bias, eps, act, scale, shift)
 
 
 _dispatch.register_variant("triton", "onepass", _triton_onepass_fwd)
@@ -206,7 +225,7 @@ def _group_norm_op(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
 @_group_norm_op.register_fake
 def _(x, num_groups, weight, bias, eps, activation, scale, shift, backend):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return empty_output(x), stats, torch.empty_like(stats)
 
 
 def _setup_context(ctx, inputs, output):
@@ -251,10 +270,14 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     y = act(((x − mean)·rstd·weight + bias)·(1 + scale) + shift), statistics in fp32 per
     (sample, group), biased variance (as torch.nn.GroupNorm).
 
+    Output layout, a function of x's strides alone, the same on every backend and in the fake
+    (torch.compile): channels-last ([N, *spatial, C] in memory, e.g. torch.channels_last) when
+    x is stored densely so and is not contiguous; contiguous otherwise, including transposed,
+    batch-permuted and sliced x. Dtype and shape: x's.
+
     Args:
-        x: [N, C, *spatial] with 1 to 3 spatial dims, float32/float16/bfloat16, contiguous or
-            channels_last (other strides are copied first). The output keeps x's dtype and
-            memory format.
+        x: [N, C, *spatial] with 1 to 3 spatial dims, float32/float16/bfloat16, any strides
+            (contiguous and channels-last x are read in place, others copied to contiguous).
         num_groups: divides C.
         weight, bias: [C] or None. scale, shift: [N, C] or None (AdaGN / adaLN modulation).
         activation: None, "silu" or "gelu" (exact, erf).
@@ -268,7 +291,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
         return impl(x, num_groups, weight, bias, eps, act, scale, shift, stats=False)[0]
     choice = _resolve(x, num_groups, weight, bias, eps, activation, scale, shift, backend)
     if x.numel() == 0:
-        return torch.empty_like(x)
+        return empty_output(x)
     if use_custom_op(x, weight, bias, scale, shift):
         return _group_norm_op(x, num_groups, weight, bias, float(eps), act, scale, shift, choice.impl)[0]
     impl = _dispatch.impls[choice.impl]

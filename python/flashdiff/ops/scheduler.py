@@ -328,13 +328,35 @@ def _torch_fwd(sample, model_output, coefs, uncond, noise, prev_x0, return_x0):
     return prev, x0 if return_x0 else None
 
 
+def _is_dense(t) -> bool:
+    """Whether t's elements fill its storage span without gaps or overlaps, in any dim order
+    (contiguous, channels_last, transposed or permuted tensors; not slices or expands)."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def empty_output(sample):
+    """An uninitialized prev (or x0) in the documented output layout (scheduler_update): the
+    strides of sample when it is dense, else contiguous. Shared by the fake and _normalized's
+    callers, whose kernels allocate torch.empty_like of the normalized sample (the same)."""
+    return torch.empty_like(sample) if _is_dense(sample) else sample.new_empty(sample.shape)
+
+
 def _normalized(sample, model_output, coefs, uncond, noise, prev_x0):
-    """The impls' operands: one shared dense layout, else all contiguous copies (latents
-    almost always are already), and contiguous fp32 coefs."""
+    """The impls' operands: one shared dense layout, sample's when it is dense (the others are
+    copied to it where they differ), else all contiguous copies (latents almost always are
+    already contiguous), and contiguous fp32 coefs. So the output layout depends on sample alone."""
     tensors = (sample, model_output, uncond, noise, prev_x0)
     if not all(t is None or t.is_contiguous() for t in tensors):
-        dense = sample.is_contiguous(memory_format=torch.channels_last)
-        if not (dense and all(t is None or t.stride() == sample.stride() for t in tensors)):
+        if _is_dense(sample):
+            strides = sample.stride()
+            tensors = tuple(t if t is None or t.stride() == strides else torch.empty_like(sample).copy_(t)
+                            for t in tensors)
+        else:
             tensors = tuple(None if t is None else t.contiguous() for t in tensors)
     sample, model_output, uncond, noise, prev_x0 = tensors
     if coefs.dtype != torch.float32 or not coefs.is_contiguous():
@@ -389,7 +411,7 @@ def _scheduler_update_op(sample: torch.Tensor, model_output: torch.Tensor, coefs
 
 @_scheduler_update_op.register_fake
 def _(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x0, backend):
-    return torch.empty_like(sample), (torch.empty_like(sample) if return_x0 else sample.new_empty((0,)))
+    return empty_output(sample), (empty_output(sample) if return_x0 else sample.new_empty((0,)))
 
 
 _GRAD_INPUTS = ("sample", "model_output", "coefs", "model_output_uncond", "noise", "prev_x0")
@@ -434,15 +456,20 @@ def scheduler_update(sample: torch.Tensor, model_output: torch.Tensor, coefs: to
     """The generic fused sampler update (module docstring). coefs: [12] tensor on the data's
     device, from one of the `*_coefs` builders (or a row of a precomputed [T, 12] table).
     Returns prev_sample, or (prev_sample, pred_x0) when return_x0. Differentiable in every
-    tensor operand (coefs included): the backward is the fp32 reference's gradient."""
+    tensor operand (coefs included): the backward is the fp32 reference's gradient.
+
+    Output layout, a function of sample's strides alone, the same on every backend and in the
+    fake (torch.compile): sample's strides when sample is dense (contiguous, channels_last,
+    transposed or permuted; other operands laid out differently are copied to it first), else
+    contiguous (a sliced or expanded sample; every operand is then copied to contiguous)."""
     impl = _fast_impl(sample, model_output, coefs, model_output_uncond, noise, prev_x0, backend)
     if impl is not None:
         prev, x0 = impl(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x0)
         return (prev, x0) if return_x0 else prev
     choice = _resolve(sample, model_output, coefs, model_output_uncond, noise, prev_x0, return_x0, backend)
     if sample.numel() == 0:
-        prev = torch.empty_like(sample)
-        return (prev, torch.empty_like(sample)) if return_x0 else prev
+        prev = empty_output(sample)
+        return (prev, empty_output(sample)) if return_x0 else prev
     if use_custom_op(sample, model_output, coefs, model_output_uncond, noise, prev_x0):
         prev, x0 = _scheduler_update_op(sample, model_output, coefs, model_output_uncond, noise,
                                         prev_x0, return_x0, choice.impl)
