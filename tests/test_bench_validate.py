@@ -290,3 +290,32 @@ def test_bench_e2e_flag_runs_the_e2e_op_alone(tmp_path, capsys):
     assert data["meta"]["ops"] == ["e2e"] and {r["op"] for r in data["results"]} == {"e2e"}
     assert {r["backend"] for r in data["results"]} == set(presets.E2E_ROWS)
     assert _cli(["bench", "--e2e", "--op", "attention", "--device", "cpu"]) == 2
+
+
+def test_e2e_flux_transformer_rows_run_on_a_tiny_config(monkeypatch):
+    """The Flux case (guidance-distilled: no CFG batch, flow-matching Euler): eager and patched
+    rows sample the same latents on a tiny config; graph capture is skipped with a reason."""
+    import torch
+
+    from flashdiff import presets as P
+    from flashdiff.bench import e2e
+    from flashdiff.bench.core import _Compiler
+
+    pytest.importorskip("diffusers")
+    monkeypatch.setattr(e2e, "FLUX_LATENT", (8, 8))
+    monkeypatch.setattr(e2e, "FLUX_TEXT_TOKENS", 5)
+    tiny = (("num_attention_heads", 2), ("attention_head_dim", 16), ("joint_attention_dim", 32),
+            ("pooled_projection_dim", 16), ("axes_dims_rope", (4, 6, 6)), ("in_channels", 8))
+    s = P.SamplingCase("Flux-3blocks", 1, steps=2, guidance=1.0, label="tiny flux", overrides=tiny)
+    case = e2e.e2e_cases("t", 1, s, torch.float32, "cpu", ["cpu"], _Compiler(False, "default", 10))
+    inp = case.setup()
+    outs = {}
+    with torch.inference_mode():
+        for row in case.rows:
+            try:
+                outs[row.name] = row.make(inp)()
+            except e2e.Skip as why:
+                outs[row.name] = str(why)
+    assert outs["torch eager"].shape == (1, 16, 8)
+    torch.testing.assert_close(outs["flashdiff patch"], outs["torch eager"], rtol=1e-4, atol=1e-4)
+    assert "GPU" in outs["flashdiff patch+graph"]

@@ -41,8 +41,17 @@ DIFFUSERS_MODELS = {
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=768, attention_head_dim=8)),
+    # FLUX.1-dev's transformer at 1024 px with its real widths (24 heads × 128, T5 text 4096,
+    # pooled CLIP 768, distilled guidance) but 1 double-stream + 2 single-stream blocks of its
+    # 19 + 38: a whole-model run would not fit a device budget; per-step time scales by block.
+    "Flux-3blocks": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+        guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
 }
 CONTEXT_TOKENS = 77  # CLIP's text length: the cross-attention context of the diffusers U-Nets
+FLUX_TEXT_TOKENS = 512  # FLUX.1's T5 context
+FLUX_LATENT = (128, 128)  # 1024 px / 8: packed 2×2 into 64×64 = 4096 tokens of 64 channels
 
 
 def eager_backend() -> str:
@@ -162,6 +171,45 @@ class _DiffusersNet(_Net):
         self.patched = mode == "patch"
 
 
+class _FluxNet(_Net):
+    """A diffusers Flux transformer, guidance-distilled: no CFG batch; one forward per step on
+    packed latents [B, 4096, 64] with T5-sized text [B, 512, 4096] and pooled [B, 768] of
+    random numbers; the sampler is flow-matching Euler (`flow = True`)."""
+    patched = False
+    flow = True
+    use = _DiffusersNet.use
+
+    @classmethod
+    def build(cls, module, batch: int, g: torch.Generator):
+        cfg = module.config
+        h, w = (n // 2 for n in FLUX_LATENT)
+        dev = g.device
+        cond = {
+            "encoder_hidden_states": torch.randn(batch, FLUX_TEXT_TOKENS, cfg.joint_attention_dim, device=dev,
+                                                 generator=g).to(module.dtype),
+            "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, device=dev, generator=g).to(module.dtype),
+            "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3, device=dev),
+            # (0, row, column) per image token, as diffusers' Flux pipeline prepares them
+            "img_ids": torch.stack(torch.meshgrid(torch.zeros(1, device=dev), torch.arange(h, device=dev).float(),
+                                                  torch.arange(w, device=dev).float(), indexing="ij"),
+                                   dim=-1).reshape(h * w, 3),
+            "guidance": torch.full((batch,), 3.5, device=dev),
+        }
+        return cls(module, cond, (h * w, cfg.in_channels))
+
+    def __call__(self, x, t):
+        return self.module(x, timestep=t.to(x.dtype) / 1000, return_dict=False, **self.cond)[0]
+
+
+_NETS = {"FluxTransformer2DModel": _FluxNet}
+
+
+def _flow_schedule(steps: int):
+    """Flow-matching Euler: σ from 1 to 0 in `steps` equal steps (float64, host), timesteps σ·1000."""
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return sigmas[:-1] * 1000, sigmas
+
+
 def _compile_refusal(compiler: _Compiler) -> Optional[str]:
     """Why an e2e compile is not started now (None: it is). The budget alone stops new
     compiles only once spent, and one more whole-model compile (~a minute) would overrun a
@@ -219,20 +267,29 @@ def e2e_cases(preset: str, batch: int, s: P.SamplingCase, dtype: torch.dtype, de
                 raise Skip(why)
         module = load_model(s.model, device, dtype, s.overrides)
         g = torch.Generator(device=device).manual_seed(0)
-        kind = _DiffusersNet if s.model in DIFFUSERS_MODELS else _FlashdiffNet
+        kind = (_NETS.get(DIFFUSERS_MODELS[s.model][0], _DiffusersNet) if s.model in DIFFUSERS_MODELS
+                else _FlashdiffNet)
         net = kind.build(module, s.batch, g)
-        ts, a_t, a_prev = _ddim_schedule(s.steps)
-        return {
-            "net": net,
-            "x_T": torch.randn(s.batch, *net.latent, device=device, generator=g).to(dtype),
-            "t": ts.to(device),
-            "a": list(zip(a_t.tolist(), a_prev.tolist())),
-            "coefs": flashdiff.ddim_coefs(a_t.to(device), a_prev.to(device), guidance_scale=s.guidance),
-        }
+        inp = {"net": net, "x_T": torch.randn(s.batch, *net.latent, device=device, generator=g).to(dtype)}
+        if getattr(net, "flow", False):
+            ts, sigmas = _flow_schedule(s.steps)
+            inp.update(t=ts.to(device), sigma=sigmas.tolist(),
+                       coefs=flashdiff.flow_euler_coefs(sigmas[:-1].to(device), sigmas[1:].to(device)))
+        else:
+            ts, a_t, a_prev = _ddim_schedule(s.steps)
+            inp.update(t=ts.to(device), a=list(zip(a_t.tolist(), a_prev.tolist())),
+                       coefs=flashdiff.ddim_coefs(a_t.to(device), a_prev.to(device), guidance_scale=s.guidance))
+        return inp
 
     def sample(inp, forward, fused: bool, x=None):
         x = inp["x_T"] if x is None else x
         tt, coefs = inp["t"], inp["coefs"]
+        if "sigma" in inp:  # flow matching, no CFG batch (guidance-distilled models)
+            sig = inp["sigma"]
+            for i in range(s.steps):
+                v = forward(x, tt[i].expand(s.batch))
+                x = flashdiff.scheduler_update(x, v, coefs[i]) if fused else x + (sig[i + 1] - sig[i]) * v
+            return x
         for i in range(s.steps):
             out = forward(torch.cat([x, x]), tt[i].expand(2 * s.batch))
             cond, uncond = out.chunk(2)
@@ -258,7 +315,8 @@ def e2e_cases(preset: str, batch: int, s: P.SamplingCase, dtype: torch.dtype, de
 
     def make_compiled(inp):
         net = eager_net(inp)
-        x2, t2 = torch.cat([inp["x_T"]] * 2), inp["t"][0].expand(2 * s.batch)
+        n = s.batch if "sigma" in inp else 2 * s.batch  # the CFG batch, where there is one
+        x2, t2 = torch.cat([inp["x_T"]] * (n // s.batch)), inp["t"][0].expand(n)
         compiled, case.compile_s["torch.compile"] = _compile(
             compiler, f"e2e {label} b{s.batch} {DTYPE_NAME[dtype]}", lambda x, t: net(x, t),
             lambda f: (f(x2, t2), f(x2, t2)), s.compile_mode)
