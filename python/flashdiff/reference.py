@@ -179,6 +179,34 @@ def rms_norm_rstd(x, eps=1e-6, upcast=True):
     return torch.rsqrt(x.to(dt).pow(2).mean(dim=-1) + eps)
 
 
+def rotary_emb(x, cos, sin, interleaved=True, upcast=True):
+    """x·cos + rotate(x)·sin over the last dim (diffusers' apply_rotary_emb, use_real=True).
+
+    x [B, H, S, D], cos/sin [S, D] (broadcast over B, H) or None (x returned as is).
+    rotate: interleaved pairs (x[2i], x[2i+1]) -> (−x[2i+1], x[2i]) (Flux, CogVideoX:
+    use_real_unbind_dim=-1), else halves (x[:D/2], x[D/2:]) -> (−x[D/2:], x[:D/2])
+    (use_real_unbind_dim=-2). The result is contiguous."""
+    dt = _compute_dtype(upcast, x.dtype)
+    x = x.to(dt)
+    if cos is None:
+        return x.contiguous()
+    if interleaved:
+        rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos.to(dt) + rotated * sin.to(dt)).contiguous()
+
+
+def qk_norm_rope(q, k, q_weight=None, k_weight=None, cos=None, sin=None, eps=1e-6, interleaved=True,
+                 upcast=True):
+    """(rotary_emb(rms_norm(q, q_weight)), rotary_emb(rms_norm(k, k_weight))): the q/k norm of
+    SD3/Flux then the rotary embedding. q [B, H, S, D], k [B, Hk, S, D] (any Sk without rope),
+    weights [D] or None, cos/sin [S, D] or None. No rounding between the norm and the rotation."""
+    return tuple(rotary_emb(rms_norm(x, w, eps, upcast), cos, sin, interleaved, upcast)
+                 for x, w in ((q, q_weight), (k, k_weight)))
+
+
 # ---------------------------------------------------------------- scheduler updates
 # Order of the generic coefficient vector; csrc/include/flashdiff/params.h (SchedCoef) and
 # triton_kernels/scheduler.py index it the same way.

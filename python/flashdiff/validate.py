@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-OPS = ("attention", "group_norm", "layer_norm", "rms_norm", "scheduler")
+OPS = ("attention", "group_norm", "layer_norm", "rms_norm", "qk_norm_rope", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAME = {v: k for k, v in DTYPES.items()}
 
@@ -216,9 +216,39 @@ def _rms_norm_case(rng: random.Random, dtype, device):
             lambda up: [reference.rms_norm(x, w, 1e-6, upcast=up)])
 
 
+def _qk_norm_rope_case(rng: random.Random, dtype, device):
+    import flashdiff
+    from . import reference
+
+    rope = rng.choice(["interleaved", "interleaved", "half", None])
+    D = rng.choice([16, 18, 40, 64, 72, 80, 128, 256] + ([] if rope else [1, 7]))
+    B, H, S = rng.choice([1, 2]), rng.choice([1, 2, 3]), rng.choice([1, 7, 33, 77, 129])
+    Hk = rng.choice([H, 1])
+    layout = rng.choice(["bshd", "bshd", "contiguous", "qkv-packed"])
+    if layout == "qkv-packed":  # views of one fused projection [B, S, 3, H, D], as Flux's to_qkv
+        qkv = torch.randn(B, S, 3, H, D, device=device).to(dtype)
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1, :Hk].transpose(1, 2)
+    else:
+        q, k = (torch.randn(B, S, h, D, device=device).to(dtype).transpose(1, 2) for h in (H, Hk))
+        if layout == "contiguous":
+            q, k = q.contiguous(), k.contiguous()
+    weights = rng.random() < 0.8
+    qw, kw = ((torch.randn(D, device=device).to(dtype), torch.randn(D, device=device).to(dtype))
+              if weights else (None, None))
+    cos = sin = None
+    if rope:
+        angles = torch.randn(S, D, device=device) * 3
+        cos, sin = torch.cos(angles), torch.sin(angles)
+    args = (q, k, qw, kw, cos, sin, 1e-6, rope != "half")
+    desc = f"q[{B}, {H}, {S}, {D}] Hk{Hk} {layout} rope={rope}" + (" weights" if weights else "")
+    return (desc,
+            lambda be: list(flashdiff.qk_norm_rope(*args, backend=be)),
+            lambda up: list(reference.qk_norm_rope(*args, upcast=up)))
+
+
 GENERATORS: Dict[str, Callable] = {"attention": _attention_case, "group_norm": _group_norm_case,
                                    "layer_norm": _layer_norm_case, "rms_norm": _rms_norm_case,
-                                   "scheduler": _scheduler_case}
+                                   "qk_norm_rope": _qk_norm_rope_case, "scheduler": _scheduler_case}
 
 
 # ------------------------------------------------------------------ running
@@ -321,7 +351,7 @@ def _run(ops, backends, dtypes, cases, seed, verbose, out):
                     if verbose or c.status in ("FAIL", "error"):
                         ratio = f"{c.ratio:6.3f}" if c.ratio is not None and math.isfinite(c.ratio) else \
                             ("   inf" if c.ratio is not None else "     —")
-                        print(f"  {c.status:8s} ratio {ratio}  {op:10s} {backend:9s} {device:4s} {dt:4s}  {c.case}"
+                        print(f"  {c.status:8s} ratio {ratio}  {op:12s} {backend:9s} {device:4s} {dt:4s}  {c.case}"
                               + (f"  [{c.detail}]" if c.detail and c.status != "pass" else ""), file=out)
     print(format_summary(checks), file=out)
     failed = sum(c.status in ("FAIL", "error") for c in checks)
@@ -340,11 +370,11 @@ def format_summary(checks: List[Check]) -> str:
     groups: Dict[tuple, List[Check]] = {}
     for c in checks:
         groups.setdefault((c.op, c.backend, c.device), []).append(c)
-    lines = ["", f"{'op':10s} {'backend':9s} {'device':6s} {'pass':>5s} {'fail':>5s} {'declined':>8s} {'worst ratio':>11s}"]
+    lines = ["", f"{'op':12s} {'backend':9s} {'device':6s} {'pass':>5s} {'fail':>5s} {'declined':>8s} {'worst ratio':>11s}"]
     for (op, be, dev), cs in groups.items():
         ratios = [c.ratio for c in cs if c.ratio is not None]
         worst = max(ratios) if ratios else None
-        lines.append(f"{op:10s} {be:9s} {dev:6s} {sum(c.status == 'pass' for c in cs):5d} "
+        lines.append(f"{op:12s} {be:9s} {dev:6s} {sum(c.status == 'pass' for c in cs):5d} "
                      f"{sum(c.status in ('FAIL', 'error') for c in cs):5d} "
                      f"{sum(c.status == 'declined' for c in cs):8d} "
                      f"{('%.3f' % worst) if worst is not None and math.isfinite(worst) else ('inf' if worst else '—'):>11s}")

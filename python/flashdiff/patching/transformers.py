@@ -19,6 +19,10 @@ given to `patch`) when the inputs have a structure the fused kernels take (see
 attention._attention_call); anything else, and any call for which diffusers would use a
 backend other than "native" (set_attention_backend, DIFFUSERS_ATTN_BACKEND, context parallel,
 extra attention_kwargs), runs the original function with the original arguments.
+
+norm_q/norm_k + RoPE are left to diffusers, not routed through flashdiff.qk_norm_rope. The norms
+are module-attribute calls, and Flux's double blocks concatenate text and image heads between
+the norm and apply_rotary_emb, so no rebound global sees both halves (docs/patch.md).
 """
 from __future__ import annotations
 
