@@ -1,6 +1,7 @@
 """Drop-in: route an existing model or diffusers pipeline through flashdiff, and back.
 
     report = flashdiff.patch(pipe)          # GroupNorm(+SiLU), diffusers attention, scheduler
+    flashdiff.patch(pipe, norms=True)       # also LayerNorm (+ adaLN modulation) and RMSNorm
     print(report)                           # what was replaced, what was left alone and why
     flashdiff.unpatch(pipe)                 # the original module objects, processors, scheduler
     with flashdiff.patched(pipe): ...       # the same, scoped
@@ -18,6 +19,13 @@ What `patch` changes, and only where the structure makes the change certain:
     * or the parent's source shows `h = self.norm(h)` immediately followed by
       `h = self.act(h)`, `self.act` appears nowhere else in the class, and neither module is
       shared or hooked: the norm becomes a fused FlashGroupNorm and the act an `nn.Identity`.
+- norms (opt in, norms=True): diffusers modules whose forward does adaLN,
+  `norm(x) * (1 + scale) + shift` (the AdaLayerNormZero family, AdaLayerNormContinuous, the
+  Flux/SD3/PixArt/DiT blocks' and output layers' modulation), get that statement rewritten
+  into one flashdiff.layer_norm call in a subclass (the rest of the forward is diffusers'
+  code); every other `nn.LayerNorm` / `FP32LayerNorm` over the last dim and diffusers' /
+  torch's RMSNorm without a bias becomes a Flash* subclass holding the same Parameters
+  (norms.py).
 - attention: modules with a diffusers `processor` whose type is exactly `AttnProcessor2_0`
   get a `FlashdiffAttnProcessor` (same math, calling flashdiff.attention). Other diffusers
   processors that call `dispatch_attention_fn` or `F.scaled_dot_product_attention` themselves
@@ -36,6 +44,7 @@ out gives zeros in flashdiff (torch SDPA gives NaN), see docs/internals.md.
 
 Layout: report.py (PatchReport, the undo record), group_norm.py (FlashGroupNorm),
 resnet.py (FusedResnetBlock2D), norm_act.py (GroupNorm replacement and norm→act fusion),
+norms.py (LayerNorm / RMSNorm and the adaLN modulation),
 attention.py (FlashdiffAttnProcessor), transformers.py (diffusers' transformer processors with
 their attention call rerouted), scheduler.py (scheduler swap), sdpa.py (the global
 SDPA override), cuda_graph.py (GraphedForward); this file: patch / unpatch / patched.
@@ -53,6 +62,7 @@ from .attention import FlashdiffAttnProcessor, _patch_attention
 from .cuda_graph import _graph_denoisers
 from .group_norm import FlashGroupNorm
 from .norm_act import _patch_group_norms
+from .norms import _patch_norms
 from .report import PatchReport, _State
 from .scheduler import _patch_scheduler
 from .sdpa import disable_sdpa_override, enable_sdpa_override, sdpa_override, sdpa_override_enabled
@@ -71,7 +81,7 @@ def _is_pipeline(obj) -> bool:
 
 
 def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool = True,
-          backend: Optional[str] = None, cuda_graph: bool = False) -> PatchReport:
+          backend: Optional[str] = None, cuda_graph: bool = False, norms: bool = False) -> PatchReport:
     """Route `obj` (a torch nn.Module or a diffusers pipeline) through flashdiff, in place.
 
     Args:
@@ -82,6 +92,9 @@ def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool 
         group_norm: replace torch.nn.GroupNorm, fusing a directly following SiLU/GELU where
             the module structure shows it.
         scheduler: replace a pipeline's scheduler by flashdiff's of the same class.
+        norms: route LayerNorm (with the adaLN modulation of diffusers' transformer blocks
+            fused where their forward shows it) and RMSNorm to flashdiff.layer_norm / rms_norm
+            (opt in for now: norms=True; docs/patch.md).
         backend: None/"auto" or a backend name for every op; an input that backend cannot
             serve falls back to auto, per call.
         cuda_graph: capture the denoiser's forward (a pipeline's unet/transformer, else `obj`)
@@ -106,6 +119,8 @@ def patch(obj, attention: bool = True, group_norm: bool = True, scheduler: bool 
     for prefix, root in roots:
         if group_norm:
             _patch_group_norms(root, prefix, backend, state, report)
+        if norms:
+            _patch_norms(root, prefix, backend, state, report)
         if attention:
             _patch_attention(root, prefix, backend, state, report)
     if scheduler and _is_pipeline(obj):
