@@ -536,11 +536,13 @@ def attention_fwd(q, k, v, key_padding_mask=None, scale=None):
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, scale=None):
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, scale=None, dlse=None):
     """Gradients of attention_fwd → (dq, dk, dv), contiguous, in q's dtype.
 
     Three launches: delta = rowsum(dO·O) (memory-bound), dK/dV looping over query blocks,
     dQ looping over key blocks (two passes instead of atomics: deterministic).
+    dlse: fp32 [B, H, Sq], the gradient of lse, or None. d lse_i/d s_ij = P_ij, so it enters as
+    dS = P∘(dP − delta + dlse): delta − dlse replaces delta (one 4 B-per-row subtraction).
     """
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
@@ -556,6 +558,8 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, scale=None):
     _attention_bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), H, B)](
         o, do, delta, *o.stride(), *do.stride(), H, Sq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
     )
+    if dlse is not None:
+        delta -= dlse.to(torch.float32).reshape(B, H, Sq)
     mask, smb, smn, has_mask = _mask_args(key_padding_mask, delta)
     flags = dict(HAS_MASK=has_mask, DOT_F32=dot_upcast(q.dtype), PRECISION=_precision(q.dtype),
                  BLOCK_D=block_d)

@@ -19,11 +19,12 @@ from .patching import (
 )
 from .ops import (
     attention, ddim_coefs, ddim_step, ddpm_coefs, ddpm_step, dpmpp_2m_coefs, dpmpp_2m_step,
-    flow_euler_coefs, flow_euler_step, group_norm, layer_norm, qk_norm_rope, rms_norm, scheduler_update,
+    flow_euler_coefs, flow_euler_step, group_norm, layer_norm, merge_attention, qk_norm_rope, rms_norm,
+    scheduler_update,
 )
 
 __all__ = [
-    "attention", "group_norm", "layer_norm", "rms_norm", "qk_norm_rope", "scheduler_update",
+    "attention", "merge_attention", "group_norm", "layer_norm", "rms_norm", "qk_norm_rope", "scheduler_update",
     "ddim_step", "ddpm_step", "flow_euler_step", "dpmpp_2m_step",
     "ddim_coefs", "ddpm_coefs", "flow_euler_coefs", "dpmpp_2m_coefs",
     "patch", "unpatch", "patched", "PatchReport", "enable_sdpa_override", "disable_sdpa_override",

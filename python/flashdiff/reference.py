@@ -22,8 +22,8 @@ import torch.nn.functional as F
 Scalar = Union[float, torch.Tensor]
 
 __all__ = [
-    "attention", "group_norm", "group_norm_stats", "layer_norm", "layer_norm_stats", "rms_norm",
-    "rms_norm_rstd", "scheduler_update",
+    "attention", "attention_lse", "merge_attention", "group_norm", "group_norm_stats", "layer_norm",
+    "layer_norm_stats", "rms_norm", "rms_norm_rstd", "scheduler_update",
     "ddim_step", "ddpm_step", "flow_euler_step", "dpmpp_2m_step",
 ]
 
@@ -62,6 +62,39 @@ def attention(q, k, v, attn_mask=None, scale=None, upcast=True):
     denom = p.sum(dim=-1, keepdim=True)
     out = torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
     return out
+
+
+def attention_lse(q, k, v, attn_mask=None, scale=None, upcast=True):
+    """(attention(...), lse): lse [B, H, Sq] = log Σ_j exp(q·k_j·scale + mask_j), natural log,
+    over the attended keys; -inf for a row with no key (its output is 0). Returned in the
+    compute dtype (float64 with upcast=True)."""
+    dt = _compute_dtype(upcast, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(dt)
+    # attention() reduces over the keys with amax, which refuses Skv = 0: no keys, zero output
+    out = attention(q, k, v, attn_mask, scale, upcast) if k.shape[2] else scores.new_zeros(
+        q.shape[:-1] + (v.shape[-1],))
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+def merge_attention(outs, lses, upcast=True):
+    """Combine attention over disjoint key sets: (out, lse) of their union.
+
+    lse = log Σ_i exp(lse_i); out = Σ_i exp(lse_i − lse)·out_i. An empty partial (lse_i = -inf,
+    or +inf as the fused kernels write it internally) weighs 0, even if its out_i is NaN; a row
+    empty in every partial gives out 0 and lse -inf; a NaN lse_i makes the row NaN."""
+    dt = _compute_dtype(upcast, outs[0].dtype)
+    lse_all = torch.stack([l.to(dt) for l in lses])                           # [n, B, H, Sq]
+    lse_all = lse_all.masked_fill(torch.isposinf(lse_all), float("-inf"))
+    lse = torch.logsumexp(lse_all, dim=0)                                      # -inf if all empty
+    w = torch.exp(lse_all - lse.masked_fill(torch.isneginf(lse), 0.0))        # 0 where empty
+    out = sum(torch.where(wi[..., None] == 0, 0.0, wi[..., None] * o.to(dt)) for wi, o in zip(w, outs))
+    return out, lse
 
 
 # ---------------------------------------------------------------- group norm

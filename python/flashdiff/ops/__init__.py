@@ -2,6 +2,7 @@
 from .attention import attention
 from .group_norm import group_norm
 from .layer_norm import layer_norm
+from .merge_attention import merge_attention
 from .qk_norm_rope import qk_norm_rope
 from .rms_norm import rms_norm
 from .scheduler import (
@@ -10,7 +11,7 @@ from .scheduler import (
 )
 
 __all__ = [
-    "attention", "group_norm", "layer_norm", "rms_norm", "qk_norm_rope", "scheduler_update",
+    "attention", "merge_attention", "group_norm", "layer_norm", "rms_norm", "qk_norm_rope", "scheduler_update",
     "ddim_step", "ddpm_step", "flow_euler_step", "dpmpp_2m_step",
     "ddim_coefs", "ddpm_coefs", "flow_euler_coefs", "dpmpp_2m_coefs",
 ]

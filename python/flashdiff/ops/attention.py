@@ -3,6 +3,17 @@
 Semantics of torch.nn.functional.scaled_dot_product_attention without dropout and causal
 masking. Forward FLOPs = 4·B·H·Sq·Skv·D (two matmuls); the fused kernels read q, k, v once
 per query block and write o once, so they are compute-bound beyond a few hundred keys.
+
+With return_lse=True every backend also returns lse = log Σ_j exp(scale·q·k_j + mask_j), fp32
+[B, H, Sq], natural log, -inf on a row with no key (the convention `merge_attention` takes).
+Where it comes from, per backend (docs/internals.md, "Attention log-sum-exp"):
+  triton, cuda   the kernels write it anyway (4 B per row); their +inf on keyless rows (kept
+                 internally for the Triton backward) becomes -inf at the API, a device-side select
+  torch, cpu     torch's fused kernels that return it (CPU flash; CUDA flash / memory-efficient),
+                 called through their aten ops; inputs they decline take the reference in fp32
+                 one block of query rows at a time (scores materialized: 2 passes, 4·rows·Skv B)
+  reference      logsumexp of the fp32 scores
+lse is differentiable: its gradient g enters the backward as delta − g (dS = P∘(dP − delta + g)).
 """
 from __future__ import annotations
 
@@ -29,12 +40,15 @@ def _features(q, k, v, attn_mask):
 
 
 _dispatch = OpDispatch("attention", features=_features, backward={
-    "triton": "native Triton kernels (dq, dk, dv from the forward's lse)",
-    "*": "differentiates torch's SDPA on the saved inputs (one recompute of the forward)"})
+    "triton": "native Triton kernels (dq, dk, dv from the forward's lse; an lse gradient shifts delta)",
+    "*": "differentiates torch's SDPA on the saved inputs (one recompute of the forward; an lse "
+         "gradient costs one more SDPA forward and backward)"})
 
 
 # ------------------------------------------------------------------ validation
-def _check_args(q, k, v, attn_mask, scale):
+def _check_args(q, k, v, attn_mask, scale, return_lse=False):
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.tensor(name, t, dim=4)
     check.same_device("q", q, k=k, v=v)
@@ -98,23 +112,39 @@ def _cuda_supports(q, k, v, attn_mask):
     return _fused_supports(q, k, v, attn_mask, dtypes=(torch.float16, torch.bfloat16), min_head_dim=1)
 
 
-def _resolve(q, k, v, attn_mask=None, scale=None, backend=None):
-    _check_args(q, k, v, attn_mask, scale)
+def _resolve(q, k, v, attn_mask=None, scale=None, backend=None, return_lse=False):
+    _check_args(q, k, v, attn_mask, scale, return_lse)  # every backend returns lse: no effect on the choice
     mask_kind = None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape))
     return _dispatch.choose(backend, q.device, {"q": q, "k": k, "v": v, "attn_mask": attn_mask},
                             key=(q.device, q.dtype, q.shape, k.shape[2], v.shape[-1], mask_kind))
 
 
 # ------------------------------------------------------------------ backends
-# Each forward returns (o, lse); lse is fp32 [B, H, Sq] where the backend produces it, else
-# an empty tensor (the backward then recomputes through torch).
+# Each forward is fwd(q, k, v, attn_mask, scale, need_lse=False) -> (o, lse); lse is fp32
+# [B, H, Sq] where the backend produces it (triton and cuda always do, in the kernels'
+# convention: +inf on a keyless row) or need_lse asks for it (then -inf there), else an empty
+# tensor (the backward then recomputes through torch).
 def _no_lse(q):
     return q.new_empty((0,), dtype=torch.float32)
 
 
-def _reference_fwd(q, k, v, attn_mask, scale):
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+def _compute_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _reference_fwd(q, k, v, attn_mask, scale, need_lse=False):
+    dt = _compute_dtype(q)
+    if need_lse:
+        o, lse = reference.attention_lse(q, k, v, attn_mask, scale, upcast=dt)
+        return o.to(q.dtype), lse.float()
     return reference.attention(q, k, v, attn_mask, scale, upcast=dt).to(q.dtype), _no_lse(q)
+
+
+def _row_has_key(attn_mask):
+    """bool [..., Sq, 1] (broadcastable to [B, H, Sq, 1]): the row attends to some key."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.any(dim=-1, keepdim=True)
+    return ~torch.isneginf(attn_mask).all(dim=-1, keepdim=True)  # additive: a row of -inf has none
 
 
 def _zero_rows_without_keys(o, attn_mask):
@@ -122,17 +152,72 @@ def _zero_rows_without_keys(o, attn_mask):
     gives NaN there on some torch versions and backends). A device-side select, no host read."""
     if attn_mask is None:
         return o
-    if attn_mask.dtype == torch.bool:
-        row_has_key = attn_mask.any(dim=-1, keepdim=True)
-    else:  # additive: a row of -inf has no key
-        row_has_key = ~torch.isneginf(attn_mask).all(dim=-1, keepdim=True)
-    return torch.where(row_has_key, o, torch.zeros((), dtype=o.dtype, device=o.device))
+    return torch.where(_row_has_key(attn_mask), o, torch.zeros((), dtype=o.dtype, device=o.device))
 
 
-def _torch_fwd(q, k, v, attn_mask, scale):
+def _public_lse(lse):
+    """The API's lse: -inf on a keyless row where the fused kernels write +inf (their backward
+    needs exp(s − lse) = 0 there). A device-side select over 4 B per row, no host read."""
+    return torch.where(torch.isposinf(lse), torch.full((), float("-inf"), device=lse.device), lse)
+
+
+def _additive(attn_mask, dtype):
+    """A bool mask as an additive one (0 / -inf, exact in any float dtype): the aten kernels
+    that return lse take only additive masks. Same shape as the mask (a broadcast view stays one)."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros((), dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+
+
+def _lse_kernels(q, attn_mask):
+    """torch's fused kernels that return lse, in the order tried: each (o, lse-like) or raises
+    for inputs it declines. lse-like: [B, H, Sq], [B, H, ⌈Sq/32⌉·32] (memory-efficient) or
+    [B, H, Sq, 1]; the caller trims it."""
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        yield lambda q, k, v, m, s: aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=_additive(m, q.dtype), scale=s)
+    elif q.device.type == "cuda":
+        if attn_mask is None:
+            yield lambda q, k, v, m, s: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False,
+                                                                                 scale=s)[:2]
+        yield lambda q, k, v, m, s: aten._scaled_dot_product_efficient_attention(
+            q, k, v, None if m is None else _additive(m, q.dtype).expand(*q.shape[:3], k.shape[2]),
+            True, 0.0, False, scale=s)[:2]
+
+
+_LSE_BLOCK_SCORES = 1 << 24  # scores per block of the fallback: 64 MB in fp32
+
+
+def _sdpa_with_lse(q, k, v, attn_mask, scale):
+    """(o, lse) from torch's own fused kernels where one takes the inputs (checks are on the
+    host, before a launch), else the reference in fp32, one block of query rows at a time (≤ 2^24
+    scores ≈ 64 MB per block; it makes two passes over the scores: for rare inputs only)."""
+    B, H, Sq, _ = q.shape
+    for kernel in _lse_kernels(q, attn_mask):
+        try:
+            o, lse = kernel(q, k, v, attn_mask, scale)
+            break
+        except (RuntimeError, NotImplementedError):  # this kernel declines the inputs: next one
+            continue
+    else:
+        rows = max(1, _LSE_BLOCK_SCORES // max(1, B * H * k.shape[2]))
+        mask = None if attn_mask is None else attn_mask.expand(B, H, Sq, k.shape[2])
+        parts = [_reference_fwd(q[:, :, i:i + rows], k, v, None if mask is None else mask[:, :, i:i + rows],
+                                scale, need_lse=True) for i in range(0, Sq, rows)]
+        o, lse = torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+    lse = lse.reshape(B, H, -1)[..., :Sq].float()
+    if attn_mask is not None:  # the kernels give lse 0 (CPU) or +inf on a keyless row
+        lse = torch.where(_row_has_key(attn_mask)[..., 0], lse, torch.full((), float("-inf"), device=lse.device))
+    return _zero_rows_without_keys(o, attn_mask), lse
+
+
+def _torch_fwd(q, k, v, attn_mask, scale, need_lse=False):
     """torch's own SDPA with torch's backend selection (flash / cuDNN / efficient on GPUs, a
     flash-style kernel on CPUs). Also the `cpu` backend: on a CPU, torch's SDPA is the fastest
     attention measured there (benchmarks/results/*-cpu-*)."""
+    if need_lse:
+        return _sdpa_with_lse(q, k, v, attn_mask, scale)
     return _zero_rows_without_keys(_torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale), attn_mask), _no_lse(q)
 
 
@@ -154,7 +239,9 @@ def _sdpa_variant(sdpa_backend_name: str):
     else:
         context = lambda: sdpa_kernel(order[:1])  # noqa: E731
 
-    def fwd(q, k, v, attn_mask, scale):
+    def fwd(q, k, v, attn_mask, scale, need_lse=False):
+        if need_lse:  # the kernels that return lse, in their own order (see _lse_kernels)
+            return _sdpa_with_lse(q, k, v, attn_mask, scale)
         with context():
             o = _torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
         return _zero_rows_without_keys(o, attn_mask), _no_lse(q)
@@ -165,12 +252,12 @@ def _sdpa_variant(sdpa_backend_name: str):
 SDPA_VARIANTS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
 
-def _triton_fwd(q, k, v, attn_mask, scale):
+def _triton_fwd(q, k, v, attn_mask, scale, need_lse=False):
     kpm = key_padding_mask(attn_mask, q.shape[0], k.shape[2])
     return _ext.load_triton()[0].attention.attention_fwd(q, k, v, kpm, scale)
 
 
-def _triton_v2_fwd(q, k, v, attn_mask, scale):
+def _triton_v2_fwd(q, k, v, attn_mask, scale, need_lse=False):
     """The v2 Triton forward (head-dim pieces, peeled tail; triton_kernels/attention_v2.py). A
     dispatch-table variant only: same supports() and backward as "triton" (lse convention equal)."""
     B, H, Sq, _ = q.shape
@@ -180,7 +267,7 @@ def _triton_v2_fwd(q, k, v, attn_mask, scale):
     return module.attention_fwd_v2(q, k, v, kpm, scale, out=out)
 
 
-def _cuda_fwd(q, k, v, attn_mask, scale):
+def _cuda_fwd(q, k, v, attn_mask, scale, need_lse=False):
     module = _ext.load_cuda()[0]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Sq, D = q.shape
@@ -213,39 +300,74 @@ register_op(_dispatch, _resolve)
 # ------------------------------------------------------------------ torch.library op + autograd
 @torch.library.custom_op("flashdiff::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                  scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _dispatch.impls[backend](q, k, v, attn_mask, scale)
-    return o.contiguous(), lse  # the fake promises a contiguous output (SDPA may return views)
+                  scale: float, backend: str, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse). With return_lse, lse is the API's (fp32 [B, H, Sq], -inf on keyless rows);
+    without, whatever the backend's backward needs ([B, H, Sq] from triton/cuda, else empty)."""
+    o, lse = _dispatch.impls[backend](q, k, v, attn_mask, scale, return_lse)
+    # the fake promises a contiguous output (SDPA may return views) and a contiguous lse
+    return o.contiguous(), (_public_lse(lse) if return_lse else lse).contiguous()
 
 
 @_attention_op.register_fake
-def _(q, k, v, attn_mask, scale, backend):
+def _(q, k, v, attn_mask, scale, backend, return_lse=False):
     o = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     # variants ("triton:v2") return what their backend returns
-    lse_shape = q.shape[:-1] if backend.split(":")[0] in ("triton", "cuda") else (0,)
+    lse_shape = q.shape[:-1] if return_lse or backend.split(":")[0] in ("triton", "cuda") else (0,)
     return o, q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, scale, backend = inputs
+    q, k, v, attn_mask, scale, backend, *rest = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, attn_mask, o, lse)
-    ctx.config = (scale, backend)
+    ctx.config = (scale, backend, bool(rest and rest[0]))
+    ctx.set_materialize_grads(False)  # a None lse gradient stays None: no zero-filled delta shift
 
 
-def _backward(ctx, do, _dlse):
+def _sdpa_grads(q, k, v, attn_mask, scale, do, dlse):
+    """dq, dk, dv by differentiating torch's SDPA (memory-efficient on GPUs). An lse gradient
+    g adds d lse_i/d s_ij = P_ij: dq += scale·g·(P k), dk += scale·Pᵀ(g·q). Both are one more
+    SDPA, P (·) with k as the values: its output is P k, its vjp w.r.t. those values is Pᵀ(·)."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    outs, cotangents = [], []
+    with torch.enable_grad():
+        if do is not None:
+            outs.append(_torch_sdpa(*leaves, attn_mask=attn_mask, scale=scale))
+            cotangents.append(do)
+        if dlse is not None:
+            k_as_v = k.detach().requires_grad_(True)
+            pk = _zero_rows_without_keys(_torch_sdpa(q.detach(), k.detach(), k_as_v, attn_mask=attn_mask,
+                                                     scale=scale), attn_mask)
+            g = (dlse * scale).unsqueeze(-1).to(q.dtype)
+            outs.append(pk)
+            cotangents.append(g * q)
+        grads = torch.autograd.grad(outs, leaves + ([k_as_v] if dlse is not None else []), cotangents,
+                                    allow_unused=True)
+    dq, dk, dv = (torch.zeros_like(t) if d is None else d for t, d in zip((q, k, v), grads[:3]))
+    if dlse is not None:
+        dq = dq + (g * pk.detach()).to(dq.dtype)
+        dk = dk + grads[3]
+    return dq, dk, dv
+
+
+def _backward(ctx, do, dlse):
     q, k, v, attn_mask, o, lse = ctx.saved_tensors
-    scale, backend = ctx.config
+    scale, backend, return_lse = ctx.config
+    if not return_lse:
+        dlse = None  # the op's second output is internal then (never reaches a user)
+    elif dlse is not None:  # keyless rows: P = 0, so g never matters; keep a -inf·0 NaN out
+        dlse = torch.where(torch.isneginf(lse), torch.zeros((), device=lse.device), dlse.float())
+    if do is None and dlse is None:
+        return None, None, None, None, None, None, None
     if backend.split(":")[0] == "triton":  # "triton:v2" writes v1's lse (same convention)
+        if return_lse:  # back to the kernels' +inf on keyless rows (exp(s − lse) = 0 there)
+            lse = torch.where(torch.isneginf(lse), torch.full((), float("inf"), device=lse.device), lse)
         kpm = key_padding_mask(attn_mask, q.shape[0], k.shape[2])
-        dq, dk, dv = _ext.load_triton()[0].attention.attention_bwd(do, q, k, v, o, lse, kpm, scale)
+        do = torch.zeros_like(o) if do is None else do
+        dq, dk, dv = _ext.load_triton()[0].attention.attention_bwd(do, q, k, v, o, lse, kpm, scale, dlse=dlse)
     else:
-        # No native backward here: differentiate torch's SDPA (memory-efficient on GPUs).
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        with torch.enable_grad():
-            out = _torch_sdpa(*leaves, attn_mask=attn_mask, scale=scale)
-            dq, dk, dv = torch.autograd.grad(out, leaves, do)
-    return dq, dk, dv, None, None, None
+        dq, dk, dv = _sdpa_grads(q, k, v, attn_mask, scale, do, dlse)
+    return dq, dk, dv, None, None, None, None
 
 
 torch.library.register_autograd("flashdiff::attention", _backward, setup_context=_setup_context)
@@ -253,7 +375,7 @@ torch.library.register_autograd("flashdiff::attention", _backward, setup_context
 
 # ------------------------------------------------------------------ public API
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-              scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+              scale: Optional[float] = None, backend: Optional[str] = None, return_lse: bool = False):
     """Scaled dot-product attention, fused (no dropout, not causal).
 
     Args:
@@ -266,24 +388,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
         backend: None/"auto", "reference", "torch", "cpu", "triton" or "cuda" (see
             flashdiff.explain). Auto takes the backend measured fastest for this shape class
             on this GPU (flashdiff.dispatch_table), torch's own SDPA included.
-    Returns: [B, H, Sq, D] in q's dtype.
+        return_lse: also return lse = log Σ_j exp(scale·q·k_j + mask_j), fp32 [B, H, Sq],
+            natural log, -inf on a row with no key: what `flashdiff.merge_attention` takes to
+            combine attention over disjoint key sets. Differentiable.
+    Returns: [B, H, Sq, D] in q's dtype, or (out, lse) with return_lse.
     """
-    key = _eager_key(q, k, v, attn_mask, scale, backend)
+    key = _eager_key(q, k, v, attn_mask, scale, backend, return_lse)
     impl = _EAGER.get(key) if key is not None else None
     if impl is not None:  # this signature passed every check before: run it
-        return impl(q, k, v, attn_mask, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))[0]
-    choice = _resolve(q, k, v, attn_mask, scale, backend)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return _finish(impl(q, k, v, attn_mask, scale, return_lse), return_lse)
+    choice = _resolve(q, k, v, attn_mask, scale, backend, return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.numel() == 0 or k.shape[2] == 0:
-        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+        o = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+        if not return_lse:
+            return o
+        # no launch: lse is -inf without keys, log(#keys) at D = 0, empty without rows
+        return o, reference.attention_lse(q, k, v, attn_mask, scale, upcast=_compute_dtype(q))[1].float()
     if use_custom_op(q, k, v):
-        return _attention_op(q, k, v, attn_mask, scale, choice.impl)[0]
+        o, lse = _attention_op(q, k, v, attn_mask, scale, choice.impl, return_lse)
+        return (o, lse) if return_lse else o
     impl = _dispatch.impls[choice.impl]
     if key is not None:
         if len(_EAGER) >= 4096:
             _EAGER.clear()
         _EAGER[key] = impl
-    return impl(q, k, v, attn_mask, scale)[0]
+    return _finish(impl(q, k, v, attn_mask, scale, return_lse), return_lse)
+
+
+def _finish(o_lse, return_lse):
+    """The eager result: out, or (out, lse) with the API's lse convention."""
+    return (o_lse[0], _public_lse(o_lse[1])) if return_lse else o_lse[0]
 
 
 # Eager calls whose signature (everything the checks and the backend choice read, never
@@ -296,10 +432,11 @@ _dispatch.on_clear.append(_EAGER.clear)
 _Tensor = torch.Tensor
 
 
-def _eager_key(q, k, v, attn_mask, scale, backend):
+def _eager_key(q, k, v, attn_mask, scale, backend, return_lse=False):
     """The signature of a plain eager call, or None when the call needs the full path (tensor
-    subclasses, tracing, autograd, a non-float scale, empty inputs)."""
-    if (type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor
+    subclasses, tracing, autograd, a non-float scale, a non-bool return_lse, empty inputs).
+    return_lse is part of it: the backend then computes and returns lse."""
+    if (type(return_lse) is not bool or type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor
             or (attn_mask is not None and type(attn_mask) is not _Tensor)
             or (scale is not None and (type(scale) is not float or not math.isfinite(scale)))):
         return None
@@ -307,4 +444,4 @@ def _eager_key(q, k, v, attn_mask, scale, backend):
         return None
     mask = None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device)
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, mask,
-            backend, _backends._override)
+            backend, _backends._override, return_lse)
