@@ -5,8 +5,9 @@ Sequence parallelism splits the token sequence of one image across ranks:
     ulysses_attention(q, k, v, group)   all-to-all sequence-sharded -> head-sharded, local
                                         attention over the whole sequence, all-to-all back
     ring_attention(q, k, v, group)      K/V blocks travel around the ring (overlapped with the
-                                        attention of the block in hand); partial results are
-                                        merged by log-sum-exp
+                                        attention of the block in hand); partial results
+                                        (flashdiff.attention(return_lse=True) where it exists)
+                                        are merged by log-sum-exp
     usp_attention(q, k, v, ug, rg)      both: Ulysses inside `ug`, ring across `rg`
 
 q, k, v are [B, H, S_local, D] on every rank: rank i of the group holds sequence shard i, and
@@ -28,6 +29,7 @@ Collectives are torch.distributed's (NCCL on GPUs, gloo on CPUs); nothing here i
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -55,9 +57,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: [B, H, Sq, D] in q's dtype; lse: fp32 [B, H, Sq], natural log of Σ_j exp(scale·q·k_j)
     over the attended keys. A row with no key to attend gives out 0 and lse -inf.
 
-    This is the torch reference (scores are materialized in fp32, one [B, H, Sq, Skv] block);
-    it is the one place to swap for the fused kernels once `flashdiff.attention` grows
-    `return_lse=True` (their lse is +inf on an empty row; `merge_attention` accepts both).
+    This is the torch reference (scores are materialized in fp32, one [B, H, Sq, Skv] block):
+    the ring uses it only where `flashdiff.attention` has no `return_lse` (see _block_attention).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale       # [B, H, Sq, Skv]
@@ -77,7 +78,8 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor],
     out = Σ_i exp(lse_i − lse)·out_i with lse = log Σ_i exp(lse_i), computed in fp32.
     An empty block (lse -inf, or +inf as FlashAttention-2 writes it) contributes nothing; a row
     empty in every block gives out 0 and lse -inf, never NaN. out_dtype defaults to outs[0]'s.
-    This is the torch reference; a fused merge can replace it with the same contract.
+    This is the torch reference; the ring takes `flashdiff.merge_attention` (same contract,
+    fused) where this build has it.
     """
     if len(outs) == 0 or len(outs) != len(lses):
         raise ValueError(f"outs and lses must be non-empty and of equal length, got {len(outs)} and {len(lses)}")
@@ -95,6 +97,32 @@ def _finite_or_zero(lse):
 def _as_lse(lse):
     lse = lse.float()
     return torch.where(torch.isposinf(lse), torch.full((), float("-inf"), device=lse.device), lse)
+
+
+try:  # the fused kernels' lse and merge, where this build has them
+    from .ops import merge_attention as _fused_merge
+    FUSED_PARTIALS = "return_lse" in inspect.signature(attention).parameters
+except ImportError:
+    _fused_merge, FUSED_PARTIALS = None, False
+
+
+def _block_attention(q, k, v, mask, scale, backend=None):
+    """(out, lse) of q over one K/V block, the ring's partial result (mask bool [B, Skv] or None):
+    `flashdiff.attention(..., return_lse=True)` where it exists (fused, no [Sq, Skv] scores in
+    memory), else the torch reference `attention_with_lse`. Same contract: lse fp32, -inf on a
+    row without keys (out 0 there)."""
+    if FUSED_PARTIALS:
+        return attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :], scale=scale,
+                         backend=backend, return_lse=True)
+    return attention_with_lse(q, k, v, mask, scale)
+
+
+def _merge_into(out, lse, o_i, lse_i):
+    """The ring's running merge, fp32: the first block starts it (out None)."""
+    if out is None:
+        return o_i.float(), lse_i
+    merge = _fused_merge if FUSED_PARTIALS else merge_attention
+    return merge([out, o_i], [lse, lse_i], torch.float32)
 
 
 # ================================================================== validation
@@ -212,11 +240,11 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
 
 
 # ================================================================== ring
-def _ring(q, k, v, group, mask, scale):
+def _ring(q, k, v, group, mask, scale, backend=None):
     """Ring attention core. mask: this rank's bool [B, Skv_local] or None."""
     P, r = dist.get_world_size(group), dist.get_rank(group)
     if P == 1:
-        return attention_with_lse(q, k, v, mask, scale)[0]
+        return _block_attention(q, k, v, mask, scale, backend)[0]
     masks = None if mask is None else _gather_key_mask(mask, group).chunk(P, dim=1)
     nxt_rank, prv_rank = dist.get_global_rank(group, (r + 1) % P), dist.get_global_rank(group, (r - 1) % P)
     cur = torch.stack((k, v))               # one message per hop: K and V together
@@ -228,9 +256,9 @@ def _ring(q, k, v, group, mask, scale):
             pending = dist.batch_isend_irecv([dist.P2POp(dist.isend, cur, nxt_rank, group),
                                               dist.P2POp(dist.irecv, buf, prv_rank, group)])
         src = (r - step) % P                # the rank whose K/V shard is in hand
-        o_i, lse_i = attention_with_lse(q, cur[0], cur[1], None if masks is None else masks[src], scale)
+        o_i, lse_i = _block_attention(q, cur[0], cur[1], None if masks is None else masks[src], scale, backend)
         # running merge in fp32: one rounding to q's dtype at the end
-        out, lse = (o_i.float(), lse_i) if out is None else merge_attention([out, o_i], [lse, lse_i], torch.float32)
+        out, lse = _merge_into(out, lse, o_i, lse_i)
         for work in pending:
             work.wait()
         cur, buf = buf, cur                 # the sent block's buffer receives the next hop
@@ -238,21 +266,23 @@ def _ring(q, k, v, group, mask, scale):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None,
-                   attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                   attn_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                   backend: Optional[str] = None) -> torch.Tensor:
     """Ring attention: sequence-sharded in, sequence-sharded out, no constraint on heads.
 
     q [B, H, Sq_local, D], k/v [B, H, Skv_local, D] on each rank of `group` (None = the default
     group), equal shard lengths on every rank. P steps: each rank attends its queries to the
-    K/V block in hand (`attention_with_lse`) while `batch_isend_irecv` passes the block on to the
-    next rank; partial results are combined with `merge_attention` (log-sum-exp, fp32).
-    attn_mask: bool [B, 1, 1, Skv_local] (this rank's keys) or None.
-    Bytes sent per rank: K and V's local shards, P−1 times.
+    K/V block in hand (`flashdiff.attention(..., return_lse=True)` with `backend` where this
+    build has it, else `attention_with_lse`) while `batch_isend_irecv` passes the block on to
+    the next rank; partial results are combined by log-sum-exp in fp32 (`flashdiff.merge_attention`,
+    else this module's `merge_attention`). attn_mask: bool [B, 1, 1, Skv_local] (this rank's
+    keys) or None. Bytes sent per rank: K and V's local shards, P−1 times.
     """
     group = _check_group("group", group)
     _check_qkv(q, k, v)
     if scale is not None:
         check.finite_number("scale", scale)
-    return _ring(q, k, v, group, _local_key_mask(attn_mask, q, k), scale)
+    return _ring(q, k, v, group, _local_key_mask(attn_mask, q, k), scale, backend)
 
 
 # ================================================================== USP
@@ -402,11 +432,11 @@ class ParallelDiT(nn.Module):
         """attend(q, k, v, key_mask_local [B, S_l] or None, backend) -> o, on sequence shards."""
         def attend(q, k, v, mask, backend):
             if ug is not None and rg is not None:
-                return _ulysses(q, k, v, ug, mask, lambda q, k, v, m: _ring(q, k, v, rg, m, None))
+                return _ulysses(q, k, v, ug, mask, lambda q, k, v, m: _ring(q, k, v, rg, m, None, backend))
             if ug is not None:
                 return _ulysses(q, k, v, ug, mask, lambda q, k, v, m: attention(
                     q, k, v, attn_mask=None if m is None else m[:, None, None, :], backend=backend))
-            return _ring(q, k, v, rg, mask, None)
+            return _ring(q, k, v, rg, mask, None, backend)
         return attend
 
     def _install(self):

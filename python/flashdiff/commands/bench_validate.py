@@ -4,6 +4,7 @@
     flashdiff bench [--quick] [--op attention|group_norm|scheduler|e2e ...] [--preset sd15 ...]
                     [--batch 1 8] [--dtype bf16 ...] [--backend triton ...] [--json FILE]
     flashdiff bench --e2e [--time-budget S] [--json FILE]     # whole sampling runs only
+    flashdiff bench --op distributed [--ranks 2] [--quick] [--json FILE]   # Ulysses / ring scaling
 
 Also runnable alone: python -m flashdiff.commands.bench_validate bench --quick
 """
@@ -81,7 +82,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "(torch eager, SDPA under each of its backends, torch.compile, diffusers' scheduler "
                     "step) on shape presets named after real models. On a CPU it runs the CPU preset.")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes on 2 CPU cores)")
-    p.add_argument("--op", nargs="+", action="extend", metavar="OP", help=f"op families ({', '.join(OPS)}; default all)")
+    p.add_argument("--op", nargs="+", action="extend", metavar="OP",
+                   help=f"op families ({', '.join(OPS)}; default all), or distributed alone: sequence-parallel "
+                        "attention on --ranks processes (gloo on a CPU, NCCL with enough GPUs), communication vs "
+                        "attention time as the sequence grows")
+    p.add_argument("--ranks", type=int, default=2, help="with --op distributed: processes to start (default 2)")
     p.add_argument("--e2e", action="store_true",
                    help="whole sampling runs only: --op e2e with the device's e2e preset (GPU: e2e-gpu, "
                         "DiT-XL/2 256 px and the SD 1.5 U-Net 512 px, batch 1 and 8, ~150 s on an H200 with "
@@ -122,6 +127,8 @@ def bench_main(args) -> int:
         print(presets.describe())
         return 0
     ops = _split(args.op) or list(presets.OPS)
+    if "distributed" in ops:
+        return _bench_distributed(args, ops)
     preset_names = _split(args.preset)
     if args.e2e:
         if args.op and ops != ["e2e"]:
@@ -162,6 +169,28 @@ def bench_main(args) -> int:
               "(run `flashdiff validate`)", file=sys.stderr)
         return 1
     return 0
+
+
+def _bench_distributed(args, ops) -> int:
+    """--op distributed: bench/distributed_bench.py's scaling case (it starts its own ranks)."""
+    from ..bench import distributed_bench as db
+
+    if ops != ["distributed"]:
+        print("flashdiff bench: --op distributed runs alone (it starts its own processes); drop the other ops",
+              file=sys.stderr)
+        return 2
+    dtypes = _split(args.dtype)
+    opts = db.ScalingOptions(ranks=args.ranks, device=args.device, dtype=dtypes[0] if dtypes else None,
+                             quick=args.quick, json_path=args.json)
+    try:
+        result = db.run_scaling(opts)
+    except (RuntimeError, ValueError) as err:
+        print(f"flashdiff bench: {err}", file=sys.stderr)
+        return 2
+    print(db.format_scaling(result))
+    if args.json:
+        print(f"\nwrote {args.json}")
+    return 1 if any(r.get("check") == "MISMATCH" for r in result["results"]) else 0
 
 
 def main(argv=None) -> int:
