@@ -36,6 +36,7 @@ affine and activation helpers below.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -45,9 +46,28 @@ import triton.language as tl
 
 from ._utils import INTERPRET, device_sms, memory_format, ncs_strides
 
-__all__ = ["group_norm_fwd", "group_norm_fwd_onepass", "group_norm_bwd", "onepass_fits"]
+__all__ = ["group_norm_fwd", "group_norm_fwd_onepass", "group_norm_bwd", "onepass_fits", "on_tensor_device"]
 
 _ACTIVATIONS = {None: 0, "none": 0, "silu": 1, "gelu": 2}
+
+# CUDA's limit on grid dim x (programs along one axis); dims y and z stop at 65535.
+MAX_GRID_X = 2**31 - 1
+
+
+def on_tensor_device(launcher):
+    """Run a launcher on its first argument's CUDA device: Triton launches on the current device
+    and its current stream, so tensors on cuda:1 with cuda:0 current would be read from the
+    wrong device. The guard costs nothing when the device is already current, and nothing on
+    CPU tensors (interpreter). Shared by every launcher in this package but attention's."""
+    @functools.wraps(launcher)
+    def wrapper(t, *args, **kwargs):
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(t, *args, **kwargs)
+        return launcher(t, *args, **kwargs)
+
+    wrapper.on_tensor_device = True  # tests check every launcher carries the guard
+    return wrapper
 
 
 # ================================================================ kernels
@@ -310,11 +330,11 @@ def _group_norm_onepass_kernel(
 
 @triton.jit
 def _group_norm_bwd_reduce_kernel(
-    DY, X, W, B, SCALE, SHIFT, MEAN, RSTD, PART,
+    DY, X, W, B, SCALE, SHIFT, MEAN, RSTD, PART_S1, PART_S2,
     stride_dyn, stride_dyc, stride_dys,
     stride_xn, stride_xc, stride_xs,
     stride_w, stride_b, stride_scn, stride_scc, stride_shn, stride_shc,
-    N, C, S, G, Cg, S_PER_CHUNK, SPLIT,
+    C, S, G, Cg, S_PER_CHUNK, SPLIT,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -341,10 +361,11 @@ def _group_norm_bwd_reduce_kernel(
             dz = _dz(_load_tile(dy_base, s64, offs_c, stride_dys, stride_dyc, mask), x, mean, a, b, ACT)
             s1 += tl.sum(dz, 0)
             s2 += tl.sum(dz * (x - mean) * rstd, 0)
-        # PART [2, N, C, SPLIT]
-        out = PART + ((n * C + g * Cg + offs_c) * SPLIT + chunk)
-        tl.store(out, s1, mask=c_valid)
-        tl.store(out + N * C * SPLIT, s2, mask=c_valid)
+        # PART_S1, PART_S2: [N, C, SPLIT] each, two pointers: one buffer [2, N, C, SPLIT] would
+        # put s2 at N·C·SPLIT, an int32 product of the arguments that can pass 2^31
+        idx = (n * C + g * Cg + offs_c) * SPLIT + chunk  # int64 (n is)
+        tl.store(PART_S1 + idx, s1, mask=c_valid)
+        tl.store(PART_S2 + idx, s2, mask=c_valid)
 
 
 @triton.jit
@@ -500,6 +521,7 @@ def _fwd_outputs(x, G: int, eps: float):
 
 
 # ================================================================ launchers
+@on_tensor_device
 def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
                    scale=None, shift=None):
     """→ (y in x's memory format (contiguous when x's spatial dims do not collapse),
@@ -527,6 +549,7 @@ def group_norm_fwd(x, num_groups, weight=None, bias=None, eps=1e-5, activation=N
     return y, mean, rstd
 
 
+@on_tensor_device
 def group_norm_fwd_onepass(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
                            scale=None, shift=None):
     """group_norm_fwd with one program per (n, g) holding its group in registers: one launch,
@@ -551,6 +574,7 @@ def group_norm_fwd_onepass(x, num_groups, weight=None, bias=None, eps=1e-5, acti
     return y, mean, rstd
 
 
+@on_tensor_device
 def group_norm_bwd(dy, x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
                    scale=None, shift=None, mean=None, rstd=None):
     """→ (dx, dweight, dbias, dscale, dshift); None where the input was None.
@@ -580,8 +604,8 @@ def group_norm_bwd(dy, x, num_groups, weight=None, bias=None, eps=1e-5, activati
         params, pstrides, flags = _params(mean, weight, bias, scale, shift)
         flags.update(ACT=_ACTIVATIONS[activation], BLOCK_C=block_c, BLOCK_S=block_s)
         _group_norm_bwd_reduce_kernel[(N * G, split)](
-            dy, x, *params, mean, rstd, part, *dys, *xs, *pstrides,
-            N, C, S, G, Cg, s_per, split, **flags,
+            dy, x, *params, mean, rstd, part[0], part[1], *dys, *xs, *pstrides,
+            C, S, G, Cg, s_per, split, **flags,
         )
         s1, s2 = part.sum(-1)  # [N, C] each, fp32
     w = weight.float() if weight is not None else torch.ones(C, device=x.device)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._utils import INTERPRET, device_sms
 # The activation and its derivative are group norm's (one definition of silu/gelu per backend).
-from .group_norm import _act_grad, _apply_act
+from .group_norm import _act_grad, _apply_act, on_tensor_device
 
 __all__ = ["MAX_D", "layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"]
 
@@ -265,6 +265,7 @@ def _contiguous(t):
     return t.contiguous() if t is not None else None
 
 
+@on_tensor_device
 def layer_norm_fwd(x, weight=None, bias=None, eps=1e-6, activation=None, scale=None, shift=None,
                    out=None):
     """→ y, contiguous, x's shape and dtype (written into `out` when given: a contiguous tensor
@@ -293,6 +294,7 @@ def layer_norm_fwd(x, weight=None, bias=None, eps=1e-6, activation=None, scale=N
     return y
 
 
+@on_tensor_device
 def layer_norm_bwd(dy, x, weight=None, bias=None, eps=1e-6, activation=None, scale=None, shift=None):
     """→ (dx, dweight, dbias, dscale, dshift), each like its input (None where it was None).
 
@@ -344,6 +346,7 @@ def layer_norm_bwd(dy, x, weight=None, bias=None, eps=1e-6, activation=None, sca
     return dx, dweight, dbias, dscale, dshift
 
 
+@on_tensor_device
 def rms_norm_fwd(x, weight=None, eps=1e-6, out=None):
     """→ y, contiguous, x's shape and dtype (into `out` when given, as layer_norm_fwd)."""
     D = x.shape[-1]
@@ -361,6 +364,7 @@ def rms_norm_fwd(x, weight=None, eps=1e-6, out=None):
     return y
 
 
+@on_tensor_device
 def rms_norm_bwd(dy, x, weight=None, eps=1e-6):
     """→ (dx, dweight or None): one kernel over (dy, x), then the partials' column sum."""
     D = x.shape[-1]

@@ -19,6 +19,7 @@ import triton.language as tl
 from flashdiff.reference import SCHED_COEF_NAMES
 
 from ._utils import INTERPRET
+from .group_norm import on_tensor_device
 
 __all__ = ["scheduler_update"]
 
@@ -80,6 +81,7 @@ _BLOCK = 1024 if INTERPRET else 2048
 _NUM_WARPS = 8
 
 
+@on_tensor_device
 def scheduler_update(sample, model_output, coefs, model_output_uncond=None, noise=None,
                      prev_x0=None, return_x0=False):
     """→ (prev_sample, x0 or None), both in sample's dtype and layout.

@@ -16,6 +16,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _CACHE: dict = {}
 
 
+def _import_error(err: BaseException) -> str:
+    """An import failure in one line: a module that exists but fails to load (a corrupt or
+    truncated .so, a missing shared library, an exception in its init) is reported like a
+    missing one, so flashdiff still imports and serves the other backends."""
+    return f"{type(err).__name__}: {err}" if not isinstance(err, ImportError) else str(err)
+
+
 def _cached(loader):
     def wrapper():
         if loader.__name__ not in _CACHE:
@@ -46,20 +53,22 @@ def load_cpu():
     # kernels share torch's OpenMP thread pool (torch.set_num_threads applies to both).
     try:
         return importlib.import_module("flashdiff._cpu"), None
-    except ImportError as err:
-        return None, f"flashdiff._cpu is not built ({err}){_build_note('_cpu')}"
+    except Exception as err:  # not only ImportError: see _import_error
+        return None, f"flashdiff._cpu is not built or failed to load ({_import_error(err)}){_build_note('_cpu')}"
 
 
 @_cached
 def load_cuda():
     """Return (module, None) when the CUDA module is built AND a CUDA device is usable."""
+    mod, reason = load_cuda_module_only()
+    if mod is None:
+        note = "" if "build failed" in reason else " (nvcc was not found at install time, or FLASHDIFF_CUDA=0)"
+        return None, f"flashdiff._cuda is not built or failed to load ({reason}){note}"
     try:
-        mod = importlib.import_module("flashdiff._cuda")
-    except ImportError as err:
-        note = _build_note("_cuda") or " (nvcc was not found at install time, or FLASHDIFF_CUDA=0)"
-        return None, f"flashdiff._cuda is not built ({err}){note}"
-    if mod.device_count() == 0:
-        return None, f"flashdiff._cuda is built but {mod.device_status()}"
+        if mod.device_count() == 0:
+            return None, f"flashdiff._cuda is built but {mod.device_status()}"
+    except Exception as err:  # a broken driver must not take the import down with it
+        return None, f"flashdiff._cuda is built but its device query failed ({_import_error(err)})"
     return mod, None
 
 
@@ -68,8 +77,8 @@ def load_cuda_module_only():
     """The CUDA module even without a device (for `flashdiff info` and import tests)."""
     try:
         return importlib.import_module("flashdiff._cuda"), None
-    except ImportError as err:
-        return None, f"{err}{_build_note('_cuda')}"
+    except Exception as err:
+        return None, f"{_import_error(err)}{_build_note('_cuda')}"
 
 
 @_cached
@@ -79,10 +88,12 @@ def load_triton():
         import triton  # noqa: F401
     except ImportError as err:
         return None, f"triton is not installed ({err}); pip install 'flashdiff[triton]'"
+    except Exception as err:  # installed but broken (e.g. a mismatched build): say so, go on
+        return None, f"triton failed to import ({_import_error(err)})"
     try:
         return importlib.import_module("flashdiff.triton_kernels"), None
-    except ImportError as err:
-        return None, f"flashdiff.triton_kernels failed to import ({err})"
+    except Exception as err:
+        return None, f"flashdiff.triton_kernels failed to import ({_import_error(err)})"
 
 
 def triton_interpreter_active() -> bool:

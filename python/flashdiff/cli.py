@@ -18,26 +18,46 @@ _COMMANDS = [
 
 
 def info(args=None) -> int:
-    """Versions, compiled modules, backends and why each missing one is missing."""
+    """Versions, compiled modules, backends and why each missing one is missing.
+
+    Never fails on a broken install: a part that cannot be queried prints its error (a missing
+    or unloadable module, triton that fails to import, a driver error) and the rest still
+    prints; that is what the command is for."""
     import torch
 
     import flashdiff
     from flashdiff import _ext
 
     print(f"flashdiff {flashdiff.__version__}  python {platform.python_version()}  torch {torch.__version__}")
-    try:
-        import triton
+    for section in (_triton_line, _gpu_lines, _module_lines, _backend_lines):
+        try:
+            section(torch, flashdiff, _ext)
+        except Exception as err:  # report, keep going
+            print(f"{section.__name__.strip('_').replace('_', ' ')}: error: {type(err).__name__}: {err}")
+    return 0
 
-        print(f"triton {triton.__version__}" + ("  (interpreter: TRITON_INTERPRET=1)"
-                                               if _ext.triton_interpreter_active() else ""))
-    except ImportError:
-        print("triton: not installed")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            print(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
-    else:
+
+def _triton_line(torch, flashdiff, _ext):
+    mod, reason = _ext.load_triton()
+    if mod is None:
+        print(f"triton: unavailable: {reason}")
+        return
+    import triton
+
+    print(f"triton {triton.__version__}" + ("  (interpreter: TRITON_INTERPRET=1)"
+                                           if _ext.triton_interpreter_active() else ""))
+
+
+def _gpu_lines(torch, flashdiff, _ext):
+    if not torch.cuda.is_available():
         print("GPU: none visible to torch")
+        return
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+
+
+def _module_lines(torch, flashdiff, _ext):
     cpu_mod, cpu_reason = _ext.load_cpu()
     print("module flashdiff._cpu: " + ("built" if cpu_mod else f"missing: {cpu_reason}"))
     cuda_mod, cuda_reason = _ext.load_cuda_module_only()
@@ -47,13 +67,15 @@ def info(args=None) -> int:
         archs = getattr(cuda_mod, "compiled_archs", lambda: [])()
         print(f"module flashdiff._cuda: built{' for ' + ', '.join(archs) if archs else ''}; "
               f"{cuda_mod.device_status()}")
+
+
+def _backend_lines(torch, flashdiff, _ext):
     print("backends:")
     for name, reason in flashdiff.backend_status().items():
         print(f"  {name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
     override = flashdiff.backends.get_override()
     if override:
         print(f"FLASHDIFF_BACKEND override: {override}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name, adder in _COMMANDS:
         try:
             getattr(importlib.import_module(module_name), adder)(sub)
-        except (ImportError, AttributeError) as err:
+        except Exception as err:  # a broken dependency (e.g. triton raising on import inside
+            # torch._dynamo) disables that command only: `flashdiff info` must still run
             name = adder[len("add_"):-len("_parser")]
             p = sub.add_parser(name, help=f"(unavailable: {err})")
             p.set_defaults(func=lambda args, err=err, name=name: _unavailable(name, err))

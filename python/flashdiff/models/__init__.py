@@ -41,35 +41,60 @@ def save_checkpoint(model, path: str, extra: Optional[dict] = None) -> None:
     save_file(state, path, metadata=meta)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded: truncated, corrupted, not safetensors, without
+    flashdiff's metadata, or with weights that do not fit the model it describes."""
+
+
 def load_checkpoint(path: str, backend: Optional[str] = None, device=None):
-    """Rebuild the model a checkpoint describes, load its weights, return it in eval mode."""
+    """Rebuild the model a checkpoint describes, load its weights, return it in eval mode.
+    Raises FileNotFoundError for a missing file and CheckpointError (a ValueError naming the
+    file and what is wrong) for one that cannot be loaded."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads(f.metadata()["flashdiff"])
-    model = build_from_metadata(meta, backend)
-    model.load_state_dict(load_file(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["flashdiff"])
+        model = build_from_metadata(meta, backend)
+        # load_file reads every tensor: a file cut short fails here, not at the first forward
+        model.load_state_dict(load_file(path))
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint {path} has no flashdiff metadata ({err}): not written by "
+                              f"flashdiff.models.save_checkpoint") from err
+    except Exception as err:  # safetensors' own error type, JSON, config and state-dict errors
+        raise CheckpointError(f"checkpoint {path} cannot be loaded (truncated or corrupted?): "
+                              f"{type(err).__name__}: {err}") from err
     model.checkpoint_info = meta
     return model.to(device or "cpu").eval()
 
 
 def checkpoint_path(name: str) -> str:
+    """The file of a shipped checkpoint name, or `name` itself when it is a path (it contains a
+    path separator or ends in .safetensors)."""
+    if name.endswith(".safetensors") or os.sep in name or (os.altsep and os.altsep in name):
+        return name
     if name not in PRETRAINED:
-        raise ValueError(f"name must be one of {PRETRAINED}, got {name!r}")
+        raise ValueError(f"name must be one of {PRETRAINED} or a path to a .safetensors checkpoint, "
+                         f"got {name!r}")
     return os.path.join(CHECKPOINT_DIR, f"{name}.safetensors")
 
 
 def load_pretrained(name: str, backend: Optional[str] = None, device=None):
-    """A shipped checkpoint ("digits-unet" | "digits-dit"): class-conditional 8×8 digits,
-    epsilon prediction, diffusers' default linear 1000-step schedule (so DDIMScheduler() etc.
-    fit it); label 10 is the null class. Sample with clip_sample=False (stored in
-    model.checkpoint_info["scheduler_config"]; flashdiff.sampling.make_scheduler applies it)."""
+    """A shipped checkpoint ("digits-unet" | "digits-dit"), or a checkpoint file by path. The
+    shipped ones: class-conditional 8×8 digits, epsilon prediction, diffusers' default linear
+    1000-step schedule (so DDIMScheduler() etc. fit it); label 10 is the null class. Sample with clip_sample=False (stored in
+    model.checkpoint_info["scheduler_config"]; flashdiff.sampling.make_scheduler applies it).
+    Errors: ValueError for an unknown name, FileNotFoundError for a missing file,
+    CheckpointError (a ValueError) for a truncated or corrupted one."""
     path = checkpoint_path(name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing; rebuild it with: python -m flashdiff.train --model {name}")
+        hint = (f"; rebuild it with: python -m flashdiff.train --model {name}" if name in PRETRAINED else "")
+        raise FileNotFoundError(f"{path} is missing{hint}")
     return load_checkpoint(path, backend, device)
 
 
 __all__ = ["DiT", "DiTConfig", "DiT_models", "UNet", "UNetConfig", "UNet_models", "load_pretrained",
-           "load_checkpoint", "save_checkpoint", "PRETRAINED", "CHECKPOINT_DIR"]
+           "load_checkpoint", "save_checkpoint", "CheckpointError", "PRETRAINED", "CHECKPOINT_DIR"]

@@ -57,6 +57,19 @@ def _kernel_supports(x, **_):
     return None
 
 
+# CUDA's grid dim x limit (triton_kernels.group_norm.MAX_GRID_X; kept here so that supports()
+# does not import triton): the Triton kernels put one (n, group) per program along x.
+_MAX_GRID_X = 2**31 - 1
+
+
+def _triton_supports(x, num_groups, **inputs):
+    why = _kernel_supports(x)
+    if why is None and x.shape[0] * num_groups > _MAX_GRID_X:
+        why = (f"N·num_groups = {x.shape[0] * num_groups} programs are over CUDA's grid limit of "
+               f"{_MAX_GRID_X} along x (one program per (sample, group))")
+    return why
+
+
 def _resolve(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None,
              shift=None, backend=None):
     _check_args(x, num_groups, weight, bias, eps, activation, scale, shift)
@@ -196,7 +209,7 @@ _dispatch.register("reference", _reference_fwd)
 _dispatch.register("torch", _torch_fwd)
 _dispatch.register("cpu", _cpu_fwd, _kernel_supports)
 _dispatch.register("cuda", _cuda_fwd, _kernel_supports)
-_dispatch.register("triton", _triton_fwd, _kernel_supports)
+_dispatch.register("triton", _triton_fwd, _triton_supports)
 _dispatch.register_variant("cuda", "onepass", _cuda_onepass_fwd)
 
 
