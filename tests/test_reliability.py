@@ -362,3 +362,17 @@ def test_threads_match_serial():
     assert len(results) == 8 * 200
     for (t, k), (j, out) in results.items():
         torch.testing.assert_close(out, serial[j], rtol=0, atol=0, msg=lambda m: f"thread {t} call {k}: {m}")
+
+
+# ------------------------------------------------------------------ house-keeping
+def test_sampling_benchmarks_live_in_the_bench_package():
+    """flashdiff.sampling is the sampling API; its measurements moved to
+    flashdiff.bench.sampling_bench, and `python -m flashdiff.sampling` forwards there."""
+    import flashdiff.sampling as sampling
+    from flashdiff.bench import sampling_bench
+
+    assert not any(hasattr(sampling, name) for name in ("bench_scheduler_step", "bench_unet_sampling", "main"))
+    assert callable(sampling_bench.bench_scheduler_step) and callable(sampling_bench.bench_unet_sampling)
+    proc = subprocess.run([sys.executable, "-m", "flashdiff.sampling", "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and "bench-step" in proc.stdout and "sampling_bench" in proc.stdout, proc.stderr
