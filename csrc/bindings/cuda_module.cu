@@ -176,10 +176,19 @@ void scheduler_update(std::uintptr_t sample, std::uintptr_t model_output, std::u
   flashdiff::cuda::scheduler_update(p, as_stream(stream));
 }
 
-void group_norm_fwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias,
-                    std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t mean_out, std::uintptr_t rstd_out,
-                    int64_t N, int64_t C, int64_t S, int64_t G, double eps, int activation, bool channels_last,
-                    int dtype, std::uintptr_t stream) {
+// The binding arguments of both group norm entry points, checked, as the kernels' params.
+flashdiff::GroupNormParams group_norm_params(const char* name, std::uintptr_t x, std::uintptr_t y,
+                                             std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t scale,
+                                             std::uintptr_t shift, std::uintptr_t mean_out, std::uintptr_t rstd_out,
+                                             int64_t N, int64_t C, int64_t S, int64_t G, double eps,
+                                             int activation, bool channels_last, int dtype) {
+  if (activation < 0 || activation > 2) {
+    throw std::runtime_error(std::string("flashdiff._cuda: ") + name +
+                             ": activation must be 0 (none), 1 (silu) or 2 (gelu), got " + std::to_string(activation));
+  }
+  if (N < 0 || C < 0 || S < 0 || G <= 0) {
+    throw std::runtime_error(std::string("flashdiff._cuda: ") + name + ": need N, C, S >= 0 and G > 0");
+  }
   flashdiff::GroupNormParams p;
   p.x = as_ptr<const void>(x);
   p.y = as_ptr<void>(y);
@@ -194,16 +203,18 @@ void group_norm_fwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, s
   p.S = S;
   p.G = G;
   p.eps = static_cast<float>(eps);
-  if (activation < 0 || activation > 2) {
-    throw std::runtime_error("flashdiff._cuda: activation must be 0 (none), 1 (silu) or 2 (gelu), got " +
-                             std::to_string(activation));
-  }
   p.activation = static_cast<Activation>(activation);
   p.channels_last = channels_last;
   p.dtype = as_dtype(dtype);
-  if (N < 0 || C < 0 || S < 0 || G <= 0) {
-    throw std::runtime_error("flashdiff._cuda: group_norm_fwd: need N, C, S >= 0 and G > 0");
-  }
+  return p;
+}
+
+void group_norm_fwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias,
+                    std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t mean_out, std::uintptr_t rstd_out,
+                    int64_t N, int64_t C, int64_t S, int64_t G, double eps, int activation, bool channels_last,
+                    int dtype, std::uintptr_t stream) {
+  const flashdiff::GroupNormParams p = group_norm_params("group_norm_fwd", x, y, weight, bias, scale, shift, mean_out,
+                                                         rstd_out, N, C, S, G, eps, activation, channels_last, dtype);
   if (N == 0 || C == 0 || S == 0) return;  // empty input: nothing to write, no launch
   DeviceGuard guard(p.x ? p.x : p.y, "group_norm_fwd(x)");
   flashdiff::cuda::group_norm_fwd(p, as_stream(stream));
@@ -238,30 +249,9 @@ bool group_norm_fwd_onepass(std::uintptr_t x, std::uintptr_t y, std::uintptr_t w
                             std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t mean_out,
                             std::uintptr_t rstd_out, int64_t N, int64_t C, int64_t S, int64_t G, double eps,
                             int activation, bool channels_last, int dtype, int device, std::uintptr_t stream) {
-  flashdiff::GroupNormParams p;
-  p.x = as_ptr<const void>(x);
-  p.y = as_ptr<void>(y);
-  p.weight = as_ptr<const float>(weight);
-  p.bias = as_ptr<const float>(bias);
-  p.scale = as_ptr<const float>(scale);
-  p.shift = as_ptr<const float>(shift);
-  p.mean_out = as_ptr<float>(mean_out);
-  p.rstd_out = as_ptr<float>(rstd_out);
-  p.N = N;
-  p.C = C;
-  p.S = S;
-  p.G = G;
-  p.eps = static_cast<float>(eps);
-  if (activation < 0 || activation > 2) {
-    throw std::runtime_error("flashdiff._cuda: activation must be 0 (none), 1 (silu) or 2 (gelu), got " +
-                             std::to_string(activation));
-  }
-  p.activation = static_cast<Activation>(activation);
-  p.channels_last = channels_last;
-  p.dtype = as_dtype(dtype);
-  if (N < 0 || C < 0 || S < 0 || G <= 0) {
-    throw std::runtime_error("flashdiff._cuda: group_norm_fwd_onepass: need N, C, S >= 0 and G > 0");
-  }
+  const flashdiff::GroupNormParams p = group_norm_params("group_norm_fwd_onepass", x, y, weight, bias, scale, shift,
+                                                         mean_out, rstd_out, N, C, S, G, eps, activation,
+                                                         channels_last, dtype);
   if (device < 0) throw std::runtime_error("flashdiff._cuda: group_norm_fwd_onepass: device must be >= 0");
   if (N == 0 || C == 0 || S == 0) return true;  // empty input: nothing to write, no launch
   DeviceIndexGuard guard(device);

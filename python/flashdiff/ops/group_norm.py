@@ -114,17 +114,25 @@ def empty_output(x):
     return x.new_empty([x.shape[i] for i in perm]).permute(inverse)
 
 
-def _compiled_fwd(module, x, num_groups, weight, bias, eps, activation, scale, shift, stream=(),
-                  stats=True):
+def _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats):
+    """(y, mean, rstd, args): the outputs allocated and the group_norm_fwd binding arguments
+    (docs/internals.md) for the compiled modules' entry points."""
     xk, channels_last = _kernel_layout(x)
     N, C = x.shape[:2]
     y = new_empty(xk)
     mean = new_empty(xk, (N, num_groups), torch.float32) if stats else None
     rstd = new_empty(mean) if stats else None
     w, b, s, t = f32(weight), f32(bias), f32(scale), f32(shift)
-    module.group_norm_fwd(xk.data_ptr(), y.data_ptr(), ptr(w), ptr(b), ptr(s), ptr(t),
-                          ptr(mean), ptr(rstd), N, C, math.prod(x.shape[2:]), num_groups,
-                          float(eps), _ACT_CODE[activation], channels_last, dtype_code(xk), *stream)
+    args = (xk.data_ptr(), y.data_ptr(), ptr(w), ptr(b), ptr(s), ptr(t), ptr(mean), ptr(rstd),
+            N, C, math.prod(x.shape[2:]), num_groups, float(eps), _ACT_CODE[activation], channels_last,
+            dtype_code(xk))
+    return y, mean, rstd, args
+
+
+def _compiled_fwd(module, x, num_groups, weight, bias, eps, activation, scale, shift, stream=(),
+                  stats=True):
+    y, mean, rstd, args = _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats)
+    module.group_norm_fwd(*args, *stream)
     return y, mean, rstd
 
 
@@ -144,15 +152,7 @@ def _cuda_onepass_call(x, num_groups, weight, bias, eps, activation, scale, shif
     onepass = getattr(module, "group_norm_fwd_onepass", None)
     if onepass is None:
         raise RuntimeError("this build of flashdiff._cuda has no group_norm_fwd_onepass: rebuild it")
-    xk, channels_last = _kernel_layout(x)
-    N, C = x.shape[:2]
-    y = new_empty(xk)
-    mean = new_empty(xk, (N, num_groups), torch.float32) if stats else None
-    rstd = new_empty(mean) if stats else None
-    w, b, s, t = f32(weight), f32(bias), f32(scale), f32(shift)
-    args = (xk.data_ptr(), y.data_ptr(), ptr(w), ptr(b), ptr(s), ptr(t), ptr(mean), ptr(rstd),
-            N, C, math.prod(x.shape[2:]), num_groups, float(eps), _ACT_CODE[activation], channels_last,
-            dtype_code(xk))
+    y, mean, rstd, args = _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats)
     stream = stream_of(x)
     # The device index comes from the tensor (a CUDA tensor always has one): the binding sets it
     # current without a pointer-attribute query, and no torch.cuda.device context is entered.
