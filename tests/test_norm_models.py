@@ -7,6 +7,7 @@ at commit 912f710, before the change (the group-norm lowering): 5 DDIM steps wit
 of the digits DiT from one fixed noise, in fp32 (auto and reference backends) and fp64
 (reference). Do not regenerate it with the new code: it is the "before" of the comparison.
 """
+import math
 import os
 import sys
 
@@ -105,6 +106,26 @@ def test_ada_layer_norm_calls_layer_norm_with_unexpanded_modulation(monkeypatch)
     ref = torch.nn.functional.layer_norm(x.double(), (16,), eps=1e-6) * (1 + scale.double()[:, None]) + shift.double()[:, None]
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(norm(x), real(x, (16,), eps=1e-6))  # no modulation: plain LayerNorm
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_bench_cases_and_tune_classes(op):
+    """`flashdiff bench` has the norm cases (auto, the backends, torch eager, a copy), their
+    outputs agree with torch eager; `flashdiff tune` times every implementation of the op."""
+    from flashdiff import bench, presets
+    from flashdiff.bench import tune
+
+    compiler = bench._Compiler(False, "default", 0.0)
+    for _, b, shape in presets.expand(["tiny"], op):
+        case = bench.CASE_BUILDERS[op]("tiny", b, shape, torch.float32, "cpu", ["cpu"], compiler)
+        records = bench._run_case(case, "cpu", bench.BenchOptions(quick=True), {}, lambda msg: None)
+        assert {r["backend"] for r in records} == {"auto", "cpu", "torch eager", "copy"}
+        assert all(r.get("check") in (None, "ok") and "median_ms" in r for r in records), records
+    classes = tune.shape_classes(op, True, "cpu", ["tiny"])
+    entry = tune.tune_class(op, classes[0][0], classes[0][1](torch.float32, torch.device("cpu"), torch.Generator()),
+                            torch.device("cpu"), True, lambda msg: None)
+    assert set(entry["times_ms"]) >= {"cpu", "torch"} and entry["best"] in ("cpu", "torch")
+    assert entry["features"]["log2_d"] == math.log2(classes[0][1](torch.float32, "cpu", torch.Generator())["x"].shape[-1])
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:

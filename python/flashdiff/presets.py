@@ -14,10 +14,16 @@ Where the numbers come from:
               8 heads (head_dim 40/80/160), cross-attention to 77 CLIP tokens; GroupNorm(32)+SiLU.
   sdxl        SDXL U-Net at 1024 px: 128×128×4 latents; attention at 64² (640 ch, 10 heads) and
               32² (1280 ch, 20 heads), head_dim 64, cross-attention to 77 tokens.
-  dit-xl-256  DiT-XL/2 at 256 px: 32×32×4 latents, patch 2 → 256 tokens, 16 heads of 72.
+  dit-xl-256  DiT-XL/2 at 256 px: 32×32×4 latents, patch 2 → 256 tokens, 16 heads of 72;
+              adaLN LayerNorm [B, 256, 1152] (and as the old group-norm lowering, [B·256, 1152, 1]).
   dit-xl-512  DiT-XL/2 at 512 px: 64×64×4 latents → 1024 tokens.
   flux-1024   FLUX.1 at 1024 px: 24 heads of 128 over 4096 image + 512 text tokens = 4608;
               16-channel 128×128 latents, flow-matching Euler step without CFG (guidance-distilled).
+              Norms: adaLN LayerNorm of the joint stream [B, 4608, 3072]; RMSNorm on q/k
+              [B, 24, 4608, 128].
+  sd3-1024    SD3 medium at 1024 px: D 1536 = 24 heads of 64; 4096 image tokens (+ 333 text:
+              77 CLIP + 256 T5, 4429 joint). Norms: adaLN LayerNorm [B, 4096, 1536]; RMSNorm on
+              q/k [B, 24, 4429, 64] (qk_norm="rms_norm", SD3.5).
   e2e         50-step DDIM+CFG sampling with the compact DiT-S/2, DiT-B/2 and UNet-S of
               flashdiff.models at 32×32×4 latents, batch 1 and 8.
   e2e-gpu     10-step DDIM+CFG sampling of the real architectures, random weights: flashdiff's
@@ -83,6 +89,18 @@ class StepShape:
         return f"{list(self.shape)} {self.family}" + ("+cfg" if self.cfg else "")
 
 
+@dataclass(frozen=True)
+class RowNormShape:
+    """A norm over the last dim of x `shape`: layer_norm (adaLN: no affine, per-sample
+    scale/shift [shape[0], D] when `modulate`) or rms_norm (q/k norm: a [D] weight)."""
+    shape: Tuple[int, ...]
+    modulate: bool = False
+    label: str = ""
+
+    def __str__(self) -> str:
+        return f"{list(self.shape)}" + (" +scale/shift" if self.modulate else "")
+
+
 E2E_ROWS = ("torch eager", "torch.compile", "flashdiff patch", "flashdiff patch+graph")
 
 
@@ -120,6 +138,8 @@ class Preset:
     _group_norm: Callable[[int], List[NormShape]] = field(default=lambda b: [], repr=False)
     _scheduler: Callable[[int], List[StepShape]] = field(default=lambda b: [], repr=False)
     _e2e: Callable[[int], List[SamplingCase]] = field(default=lambda b: [], repr=False)
+    _layer_norm: Callable[[int], List[RowNormShape]] = field(default=lambda b: [], repr=False)
+    _rms_norm: Callable[[int], List[RowNormShape]] = field(default=lambda b: [], repr=False)
 
     def attention(self, batch: int) -> List[AttentionShape]:
         return self._attention(batch)
@@ -133,9 +153,15 @@ class Preset:
     def e2e(self, batch: int) -> List[SamplingCase]:
         return self._e2e(batch)
 
+    def layer_norm(self, batch: int) -> List[RowNormShape]:
+        return self._layer_norm(batch)
+
+    def rms_norm(self, batch: int) -> List[RowNormShape]:
+        return self._rms_norm(batch)
+
     def cases(self, op: str, batch: int) -> list:
-        return {"attention": self.attention, "group_norm": self.group_norm,
-                "scheduler": self.scheduler, "e2e": self.e2e}[op](batch)
+        return {"attention": self.attention, "group_norm": self.group_norm, "layer_norm": self.layer_norm,
+                "rms_norm": self.rms_norm, "scheduler": self.scheduler, "e2e": self.e2e}[op](batch)
 
 
 def _sd15_attention(b):
@@ -188,10 +214,12 @@ _add(Preset(
 _add(Preset(
     "dit-xl-256", "DiT-XL/2 at 256 px (32×32×4 latents, 256 tokens, 16 heads × 72)", "cuda", (1, 8),
     _attention=lambda b: [AttentionShape(b, 16, 256, 256, 72, "dit-xl/2 256px")],
-    # adaLN as the compact DiT runs it: LayerNorm lowered to group norm over [N·T, D, 1]
+    # adaLN as the compact DiT ran it before flashdiff.layer_norm: LayerNorm lowered to group norm
+    # over [N·T, D, 1] (kept: the shipped H200 table's group norm classes come from these rows)
     _group_norm=lambda b: [NormShape((b * 256, 1152, 1), groups=1, activation=None, modulate=True,
                                      label="dit-xl/2 adaLN 256px")],
     _scheduler=lambda b: [StepShape((b, 4, 32, 32), "ddim", True, "dit-xl-256 ddim+cfg")],
+    _layer_norm=lambda b: [RowNormShape((b, 256, 1152), True, "dit-xl/2 adaLN 256px")],
 ))
 _add(Preset(
     "dit-xl-512", "DiT-XL/2 at 512 px (64×64×4 latents, 1024 tokens, 16 heads × 72)", "cuda", (1, 8),
@@ -199,11 +227,20 @@ _add(Preset(
     _group_norm=lambda b: [NormShape((b * 1024, 1152, 1), groups=1, activation=None, modulate=True,
                                      label="dit-xl/2 adaLN 512px")],
     _scheduler=lambda b: [StepShape((b, 4, 64, 64), "ddim", True, "dit-xl-512 ddim+cfg")],
+    _layer_norm=lambda b: [RowNormShape((b, 1024, 1152), True, "dit-xl/2 adaLN 512px")],
 ))
 _add(Preset(
     "flux-1024", "FLUX.1 at 1024 px (4096 image + 512 text tokens, 24 heads × 128)", "cuda", (1, 8),
     _attention=lambda b: [AttentionShape(b, 24, 4608, 4608, 128, "flux joint 1024px")],
     _scheduler=lambda b: [StepShape((b, 16, 128, 128), "flow", False, "flux flow-euler")],
+    _layer_norm=lambda b: [RowNormShape((b, 4608, 3072), True, "flux adaLN joint 1024px")],
+    _rms_norm=lambda b: [RowNormShape((b, 24, 4608, 128), False, "flux q/k norm 1024px")],
+))
+_add(Preset(
+    "sd3-1024", "SD3 medium at 1024 px (D 1536, 24 heads × 64, 4096 image + 333 text tokens)", "cuda", (1, 8),
+    _attention=lambda b: [AttentionShape(b, 24, 4429, 4429, 64, "sd3 joint 1024px")],
+    _layer_norm=lambda b: [RowNormShape((b, 4096, 1536), True, "sd3 adaLN 1024px")],
+    _rms_norm=lambda b: [RowNormShape((b, 24, 4429, 64), False, "sd3.5 q/k norm 1024px")],
 ))
 _add(Preset(
     "e2e", "50-step DDIM+CFG sampling, compact DiT-S/2, DiT-B/2 and UNet-S (32×32×4 latents)", "cuda", (8, 1),
@@ -246,6 +283,11 @@ _add(Preset(
     # DiT-S/2 takes seconds per step on 2 cores: the CPU samples the digit models (8×8×1),
     # ten images (one per label), as `flashdiff demo` does.
     _e2e=lambda b: [SamplingCase("DiT-digits", 10), SamplingCase("UNet-digits", 10)],
+    # DiT-XL/2's adaLN row width at 256 tokens (one sample), a small SD3-width one, and q/k
+    # norm rows at Flux's head dim: milliseconds each on 2 cores.
+    _layer_norm=lambda b: [RowNormShape((1, 256, 1152), True, "dit-xl/2 adaLN b1"),
+                           RowNormShape((2, 256, 1536), True, "sd3-width adaLN b2")],
+    _rms_norm=lambda b: [RowNormShape((1, 24, 256, 128), False, "flux-width q/k norm 256 tok")],
 ))
 _add(Preset(
     "tiny", "seconds-long smoke test", "any", (1,),
@@ -256,10 +298,12 @@ _add(Preset(
     _scheduler=lambda b: [StepShape((2, 4, 8, 8), "ddim", True, "tiny ddim+cfg"),
                           StepShape((1, 16, 8, 8), "flow", False, "tiny flow")],
     _e2e=lambda b: [SamplingCase("DiT-digits", 2, steps=3, label="tiny DiT-digits")],
+    _layer_norm=lambda b: [RowNormShape((2, 16, 64), True, "tiny adaLN")],
+    _rms_norm=lambda b: [RowNormShape((1, 2, 16, 32), False, "tiny q/k")],
 ))
 
-MODEL_PRESETS = ("sd15", "sdxl", "dit-xl-256", "dit-xl-512", "flux-1024")
-OPS = ("attention", "group_norm", "scheduler", "e2e")
+MODEL_PRESETS = ("sd15", "sdxl", "dit-xl-256", "dit-xl-512", "flux-1024", "sd3-1024")
+OPS = ("attention", "group_norm", "layer_norm", "rms_norm", "scheduler", "e2e")
 # `flashdiff bench --e2e`: the end-to-end preset of each device.
 E2E_PRESET = {"cuda": "e2e-gpu", "cpu": "cpu"}
 

@@ -1,10 +1,10 @@
 """The per-op cases: each times flashdiff's backends next to the strongest baselines of the op
-(attention: SDPA per backend; group_norm: eager, torch.compile, a copy; scheduler: eager,
-diffusers, torch.compile), in the same process, on the same inputs."""
+(attention: SDPA per backend; group_norm, layer_norm, rms_norm: eager, torch.compile, a copy;
+scheduler: eager, diffusers, torch.compile), in the same process, on the same inputs."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,20 +114,11 @@ def group_norm_cases(preset: str, batch: int, s: P.NormShape, dtype: torch.dtype
         kw = kwargs(inp)
         return lambda: flashdiff.group_norm(x, G, w, b, EPS, backend=be, **kw)
 
-    rows = [auto_row("group_norm", call, lambda inp: (args(inp), kwargs(inp)))]
-    for be in backends:
-        def make(inp, be=be):
-            _explain_or_skip("group_norm", *args(inp), **kwargs(inp), backend=be)
-            return call(inp, be)
-        rows.append(Row(be, "flashdiff", make))
-
     def make_eager(inp):
         x, G, w, b = args(inp)
-        fn = lambda: group_norm_eager(x, G, w, b, s.activation, inp["scale"], inp["shift"])  # noqa: E731
-        inp.setdefault("expected", fn())
-        return fn
+        return lambda: group_norm_eager(x, G, w, b, s.activation, inp["scale"], inp["shift"])  # noqa: E731
 
-    def make_compiled(inp):
+    def compiled_fn(inp):
         from .. import reference
 
         x, G, w, b = args(inp)
@@ -136,23 +127,133 @@ def group_norm_cases(preset: str, batch: int, s: P.NormShape, dtype: torch.dtype
             y = reference.group_norm(x, G, w, b, EPS, s.activation, inp["scale"], inp["shift"],
                                      upcast=torch.float32)
             return y.to(x.dtype)
-        compiled = compiler.compile(f"group_norm {s} {DTYPE_NAME[dtype]}", ref, lambda f: f(x))
-        return lambda: compiled(x)
+        return ref
 
-    def make_copy(inp):
-        x = inp["x"]
-        return lambda: x.clone()  # allocates its output, as the op does
-
-    rows.append(Row("torch eager", "baseline", make_eager))
-    if compiler.enabled:
-        rows.append(Row("torch.compile(ref)", "baseline", make_compiled))
-    rows.append(Row("copy", "copy", make_copy))
+    rows = _norm_rows("group_norm", call, lambda inp: (args(inp), kwargs(inp)), backends, make_eager,
+                      compiled_fn, "torch.compile(ref)", f"group_norm {s} {DTYPE_NAME[dtype]}", compiler)
     item = torch.empty((), dtype=dtype).element_size()
     numel = math.prod(s.shape)
     params = 2 * C + (2 * N * C if s.modulate else 0)
     work = (2 * numel + params) * item  # read x, write y (+ weight, bias, scale, shift)
     return Case("group_norm", preset, batch, s.label, str(s), DTYPE_NAME[dtype], "GB/s", work,
                 setup, rows, tol=_sanity_tol(dtype))
+
+
+def _norm_rows(op: str, call, explain_args, backends: Sequence[str], make_eager, compiled_fn,
+               compiled_label: str, compile_key: str, compiler: _Compiler) -> List[Row]:
+    """The rows of a norm case: auto, each flashdiff backend, torch eager (whose output the
+    others are checked against), torch.compile of `compiled_fn(inp)` (x -> y) when compiling
+    is on, and a copy of x (same bytes read and written: the memory-bound ceiling)."""
+    rows = [auto_row(op, call, explain_args)]
+    for be in backends:
+        def make(inp, be=be):
+            args, kwargs = explain_args(inp)
+            _explain_or_skip(op, *args, **kwargs, backend=be)
+            return call(inp, be)
+        rows.append(Row(be, "flashdiff", make))
+
+    def eager(inp):
+        fn = make_eager(inp)
+        inp.setdefault("expected", fn())
+        return fn
+
+    def make_compiled(inp):
+        x = inp["x"]
+        compiled = compiler.compile(compile_key, compiled_fn(inp), lambda f: f(x))
+        return lambda: compiled(x)
+
+    def make_copy(inp):
+        x = inp["x"]
+        return lambda: x.clone()  # allocates its output, as the op does
+
+    rows.append(Row("torch eager", "baseline", eager))
+    if compiler.enabled:
+        rows.append(Row(compiled_label, "baseline", make_compiled))
+    rows.append(Row("copy", "copy", make_copy))
+    return rows
+
+
+# ---- layer norm (adaLN) and rms norm (q/k norm): rows of the last dim
+def layer_norm_eager(x, scale=None, shift=None, eps=EPS):
+    """What DiT / diffusers run: F.layer_norm without affine, then `modulate` (two more passes)."""
+    y = F.layer_norm(x, (x.shape[-1],), None, None, eps)
+    if scale is not None:
+        y = y * (1 + scale[:, None]) + shift[:, None]
+    return y
+
+
+def rms_norm_eager(x, weight, eps=EPS):
+    """diffusers' RMSNorm.forward: the variance in fp32, x scaled, cast to the weight's dtype, times it."""
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    y = x * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        y = y.to(weight.dtype)
+    return y * weight
+
+
+def _row_norm_case(op: str, preset: str, batch: int, s: P.RowNormShape, dtype: torch.dtype, device: str,
+                   backends: Sequence[str], compiler: _Compiler) -> Case:
+    import flashdiff
+
+    N, D = s.shape[0], s.shape[-1]
+
+    def setup():
+        g = torch.Generator(device=device).manual_seed(0)
+        x = (torch.randn(s.shape, device=device, generator=g) * 2 + 0.5).to(dtype)
+        inp = {"x": x, "scale": None, "shift": None, "weight": None}
+        if op == "rms_norm":
+            inp["weight"] = torch.randn(D, device=device, generator=g).to(dtype)
+        elif s.modulate:  # adaLN: [N, D] chunks of the modulation (strided views, as models pass them)
+            mod = torch.randn(N, 2 * D, device=device, generator=g).to(dtype)
+            inp["shift"], inp["scale"] = mod.chunk(2, dim=1)
+        return inp
+
+    if op == "layer_norm":
+        def explain_args(inp):
+            return (inp["x"], (D,)), dict(eps=EPS, scale=inp["scale"], shift=inp["shift"])
+
+        def call(inp, be):
+            x, sc, sh = inp["x"], inp["scale"], inp["shift"]
+            return lambda: flashdiff.layer_norm(x, (D,), None, None, EPS, sc, sh, backend=be)
+
+        def make_eager(inp):
+            x, sc, sh = inp["x"], inp["scale"], inp["shift"]
+            return lambda: layer_norm_eager(x, sc, sh)
+
+        def compiled_fn(inp):
+            return lambda x: layer_norm_eager(x, inp["scale"], inp["shift"])
+    else:
+        def explain_args(inp):
+            return (inp["x"], inp["weight"], EPS), {}
+
+        def call(inp, be):
+            x, w = inp["x"], inp["weight"]
+            return lambda: flashdiff.rms_norm(x, w, EPS, backend=be)
+
+        def make_eager(inp):
+            x, w = inp["x"], inp["weight"]
+            return lambda: rms_norm_eager(x, w)
+
+        def compiled_fn(inp):
+            return lambda x: rms_norm_eager(x, inp["weight"])
+
+    rows = _norm_rows(op, call, explain_args, backends, make_eager, compiled_fn, "torch.compile(eager)",
+                      f"{op} {s} {DTYPE_NAME[dtype]}", compiler)
+    item = torch.empty((), dtype=dtype).element_size()
+    params = 2 * N * D if s.modulate else (D if op == "rms_norm" else 0)
+    work = (2 * math.prod(s.shape) + params) * item  # read x, write y (+ scale/shift or weight)
+    return Case(op, preset, batch, s.label, str(s), DTYPE_NAME[dtype], "GB/s", work,
+                setup, rows, tol=_sanity_tol(dtype))
+
+
+def layer_norm_cases(preset: str, batch: int, s: P.RowNormShape, dtype: torch.dtype, device: str,
+                     backends: Sequence[str], compiler: _Compiler) -> Case:
+    return _row_norm_case("layer_norm", preset, batch, s, dtype, device, backends, compiler)
+
+
+def rms_norm_cases(preset: str, batch: int, s: P.RowNormShape, dtype: torch.dtype, device: str,
+                   backends: Sequence[str], compiler: _Compiler) -> Case:
+    return _row_norm_case("rms_norm", preset, batch, s, dtype, device, backends, compiler)
 
 
 # ---- scheduler step

@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 import torch
 
 from .. import presets as P
-from .cases import attention_cases, group_norm_cases, scheduler_cases
+from .cases import attention_cases, group_norm_cases, layer_norm_cases, rms_norm_cases, scheduler_cases
 from .core import (DTYPES, SCHEMA, BenchOptions, Case, Skip, _Compiler, _first_line, default_dtypes,
                    flashdiff_backends)
 from .e2e import e2e_cases
@@ -20,8 +20,8 @@ from .machine import machine_info
 from .report import write_json
 from .timing import measure, measure_ceilings, steady_host_allocator
 
-CASE_BUILDERS = {"attention": attention_cases, "group_norm": group_norm_cases,
-                 "scheduler": scheduler_cases, "e2e": e2e_cases}
+CASE_BUILDERS = {"attention": attention_cases, "group_norm": group_norm_cases, "layer_norm": layer_norm_cases,
+                 "rms_norm": rms_norm_cases, "scheduler": scheduler_cases, "e2e": e2e_cases}
 
 
 def build_cases(opts: BenchOptions, device: str, compiler: _Compiler) -> List[Case]:

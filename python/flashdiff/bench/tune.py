@@ -1,9 +1,9 @@
 """`flashdiff tune`: measure every backend that can serve each op over shape classes that cover
 diffusion models, and write the dispatch table auto reads (flashdiff.dispatch_table).
 
-Shape classes come from the model presets (SD 1.5, SDXL, DiT-XL/2, Flux) at batch 1 and 8;
-attention also with a key-padding mask, group norm also channels_last, the update also
-without guidance. Each implementation is timed with the bench harness (bench.timing.measure:
+Shape classes come from the model presets (SD 1.5, SDXL, DiT-XL/2, Flux, SD3) at batch 1 and 8;
+attention also with a key-padding mask, group norm also channels_last, layer norm also without
+the adaLN modulation, the update also without guidance. Each implementation is timed with the bench harness (bench.timing.measure:
 do_bench on CUDA, L2 flushed) on the same inputs, and its output is compared with the torch
 backend's: an implementation that disagrees is recorded as failed and never chosen.
 
@@ -29,8 +29,9 @@ from .timing import measure
 
 # Cheapest first: the fair share of a time budget then carries what the update and the norms
 # leave over to attention, whose Triton configs compile on first use.
-TUNE_OPS = ("scheduler_update", "group_norm", "attention")
-_PRESET_OP = {"attention": "attention", "group_norm": "group_norm", "scheduler_update": "scheduler"}
+TUNE_OPS = ("scheduler_update", "group_norm", "layer_norm", "rms_norm", "attention")
+_PRESET_OP = {"attention": "attention", "group_norm": "group_norm", "layer_norm": "layer_norm",
+              "rms_norm": "rms_norm", "scheduler_update": "scheduler"}
 
 
 def _candidates(op: str) -> List[str]:
@@ -65,6 +66,19 @@ def _norm_inputs(s: P.NormShape, dtype, device, g):
             "activation": s.activation}
 
 
+def _row_norm_inputs(op: str, s: P.RowNormShape, dtype, device, g):
+    """layer_norm: adaLN without affine, [N, D] scale/shift when modulated (the chunks models
+    pass); rms_norm: a [D] weight."""
+    N, D = s.shape[0], s.shape[-1]
+    x = (torch.randn(s.shape, device=device, generator=g) * 2 + 0.5).to(dtype)
+    inp = {"x": x, "weight": None, "scale": None, "shift": None}
+    if op == "rms_norm":
+        inp["weight"] = torch.randn(D, device=device, generator=g).to(dtype)
+    elif s.modulate:
+        inp["shift"], inp["scale"] = torch.randn(N, 2 * D, device=device, generator=g).to(dtype).chunk(2, dim=1)
+    return inp
+
+
 def _step_inputs(s: P.StepShape, dtype, device, g):
     import flashdiff
 
@@ -83,6 +97,10 @@ def _call(op: str, impl: Callable, inp: dict) -> Callable[[], torch.Tensor]:
         act = inp["activation"] or "none"
         return lambda: impl(inp["x"], inp["num_groups"], inp["weight"], inp["bias"], EPS, act,
                             inp["scale"], inp["shift"], stats=False)[0]
+    if op == "layer_norm":  # the row norms' implementations return y itself
+        return lambda: impl(inp["x"], None, None, EPS, inp["scale"], inp["shift"], "none")
+    if op == "rms_norm":
+        return lambda: impl(inp["x"], inp["weight"], EPS)
     return lambda: impl(inp["sample"], inp["model_output"], inp["coefs"], inp["model_output_uncond"],
                         None, None, False)[0]
 
@@ -92,6 +110,10 @@ def _features(op: str, inp: dict) -> dict:
         return dispatch_table.attention_features(inp["q"], inp["k"], inp["attn_mask"])
     if op == "group_norm":
         return dispatch_table.group_norm_features(inp["x"], inp["num_groups"], inp["scale"], inp["activation"])
+    if op in ("layer_norm", "rms_norm"):  # the op's own features (ops/layer_norm.py rows_features)
+        from ..backends import REGISTRY
+
+        return REGISTRY[op][0].features(**_support_inputs(op, inp))
     return dispatch_table.scheduler_features(inp["sample"], inp["model_output_uncond"])
 
 
@@ -100,6 +122,10 @@ def _support_inputs(op: str, inp: dict) -> dict:
         return {k: inp[k] for k in ("q", "k", "v", "attn_mask")}
     if op == "group_norm":
         return {k: inp[k] for k in ("x", "num_groups", "scale", "activation")}
+    if op == "layer_norm":
+        return {k: inp[k] for k in ("x", "scale", "shift")}
+    if op == "rms_norm":
+        return {"x": inp["x"]}
     return {"sample": inp["sample"], "model_output_uncond": inp["model_output_uncond"]}
 
 
@@ -122,6 +148,11 @@ def shape_classes(op: str, quick: bool, device: str, preset_names: Optional[Sequ
             if not s.channels_last and not s.modulate and (not quick or b == 1):
                 cl = P.NormShape(s.shape, s.groups, s.activation, s.modulate, s.label, channels_last=True)
                 out.append((str(cl), lambda dt, dev, g, s=cl: _norm_inputs(s, dt, dev, g)))
+        elif op in ("layer_norm", "rms_norm"):
+            out.append((str(s), lambda dt, dev, g, s=s, op=op: _row_norm_inputs(op, s, dt, dev, g)))
+            if op == "layer_norm" and s.modulate and (not quick or b == 1):  # plain LayerNorm rows too
+                plain = P.RowNormShape(s.shape, False, s.label)
+                out.append((str(plain), lambda dt, dev, g, s=plain: _row_norm_inputs(op, s, dt, dev, g)))
         else:
             out.append((str(s), lambda dt, dev, g, s=s: _step_inputs(s, dt, dev, g)))
             if s.cfg:
