@@ -37,6 +37,7 @@
 
 namespace flashdiff {
 namespace cpu {
+namespace FD_CPU_ISA {  // one copy per ISA level (kernels.h)
 namespace {
 
 constexpr int64_t kChunk = 4096;           // elements per statistics chunk (16 KB of fp32)
@@ -768,5 +769,6 @@ void group_norm_fwd(const GroupNormParams& params) {
   });
 }
 
+}  // namespace FD_CPU_ISA
 }  // namespace cpu
 }  // namespace flashdiff

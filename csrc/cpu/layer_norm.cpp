@@ -29,10 +29,12 @@
 
 #include "flashdiff/cpu_vec.h"
 #include "flashdiff/params.h"
+#include "kernels.h"
 #include "static_switch.h"
 
 namespace flashdiff {
 namespace cpu {
+namespace FD_CPU_ISA {  // one copy per ISA level (kernels.h)
 namespace {
 
 // Below this many elements a call runs on the calling thread: a fork costs ~1 us and, with the
@@ -221,5 +223,6 @@ void rms_norm_fwd(const LayerNormParams& params) {
   FD_DTYPE_SWITCH(params.dtype, T, [&] { rms_norm_rows<T>(params); });
 }
 
+}  // namespace FD_CPU_ISA
 }  // namespace cpu
 }  // namespace flashdiff

@@ -26,6 +26,7 @@
 
 namespace flashdiff {
 namespace cpu {
+namespace FD_CPU_ISA {  // one copy per ISA level (kernels.h)
 namespace {
 
 constexpr int64_t kParallelMin = 1 << 16;  // below: one thread (a fork costs more than the work)
@@ -163,15 +164,6 @@ void scheduler_update(const SchedulerUpdateParams& params) {
   });
 }
 
-std::string simd_level() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-  return "avx2+fma+f16c";
-#else
-  return "generic";
-#endif
-}
-
+}  // namespace FD_CPU_ISA
 }  // namespace cpu
 }  // namespace flashdiff

@@ -1,11 +1,19 @@
 // CPU-only SIMD helpers for the flashdiff._cpu kernels (g++; never included by CUDA code).
 //
-// One 16-lane fp32 vector type (`vfloat`, a GCC vector extension) carries all arithmetic.
-// With -march=native on an AVX-512 machine it is one zmm register and the helpers below use
-// AVX-512 intrinsics directly; with -march=x86-64 the same code compiles (g++ lowers the
-// 64-byte vector to four SSE registers) and the intrinsics fall back to portable code. So the
-// kernels are written once, vectorize by construction (no reliance on the auto-vectorizer),
-// and stay correct on any x86-64 target.
+// One fp32 vector type (`vfloat`, a GCC vector extension) of kVec lanes carries all
+// arithmetic: one register of the target, 16 lanes (zmm) with AVX-512, 8 (ymm) with AVX, 4
+// (xmm) otherwise. With AVX-512 the helpers below use AVX-512 intrinsics directly; with AVX2
+// (x86-64-v3) FMA and F16C intrinsics; elsewhere portable code. So the kernels are written
+// once, in units of kVec, and vectorize by construction (no reliance on the auto-vectorizer).
+// Why the width follows the target: a 64-byte vector on an AVX2 or SSE target is lowered by
+// g++ through the stack, piece by piece, and ran the kernels 15-40x slower than here.
+//
+// One build carries every ISA level (docs/internals.md, "Decision: one portable CPU binary"):
+// setup.py compiles each csrc/cpu/*.cpp once per level with that level's -m flags and
+// -DFD_CPU_ISA=<name>, and everything below except the storage types lives in the namespace
+// flashdiff::cpu::FD_CPU_ISA. Why a namespace per level: the helpers are inline functions with
+// external linkage; under one name the linker would keep one copy of each (say the AVX-512
+// one) for every level, and the generic kernels would die with SIGILL on an older CPU.
 //
 // Element types of the big tensors: float, Half (IEEE fp16 bits) and BFloat16 (bf16 bits).
 // Conversions to fp32 are exact; conversions from fp32 round to nearest even (fp16 via F16C
@@ -18,29 +26,44 @@
 
 #include "flashdiff/params.h"
 
-#if defined(__AVX512F__) || defined(__F16C__) || defined(__FMA__)
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__FMA__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 // AVX-512 intrinsics are used in their zero-masked form with a full mask (_mm512_maskz_*(0xffff,
 // ...)): the same instruction, but g++ 12 -Wall warns (falsely) about the _mm512_undefined_*()
 // source inside many unmasked intrinsics.
 
-// A 64-byte vector passed by value without AVX-512 triggers a psABI note; every helper is
-// inline, so the note is noise.
-#pragma GCC diagnostic ignored "-Wpsabi"
+// The ISA level this translation unit is compiled for (setup.py sets it; a stand-alone
+// compile gets "native").
+#ifndef FD_CPU_ISA
+#define FD_CPU_ISA native
+#endif
+#define FD_CPU_STR2_(x) #x
+#define FD_CPU_STR_(x) FD_CPU_STR2_(x)
+#define FD_CPU_ISA_NAME FD_CPU_STR_(FD_CPU_ISA)
 
 namespace flashdiff {
 namespace cpu {
 
+// Storage types only (no code): shared by every level and by csrc/cpu/static_switch.h.
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
 static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2, "16-bit storage types");
 
-constexpr int kVec = 16;  // fp32 lanes per vfloat
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vu16 __attribute__((vector_size(32)));
+namespace FD_CPU_ISA {
+
+// fp32 lanes per vfloat: one register of the target (see the top of the file)
+#if defined(__AVX512F__)
+constexpr int kVec = 16;
+#elif defined(__AVX__)
+constexpr int kVec = 8;
+#else
+constexpr int kVec = 4;
+#endif
+typedef float vfloat __attribute__((vector_size(kVec * 4)));
+typedef int32_t vint __attribute__((vector_size(kVec * 4)));
+typedef uint32_t vuint __attribute__((vector_size(kVec * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(kVec * 2)));
 
 // ------------------------------------------------------------------ scalar bit conversions
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -105,13 +128,8 @@ inline void vstoreu(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
 #if defined(__AVX512F__)
   return (vfloat)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-  __m256 a2[2], b2[2], c2[2];
-  std::memcpy(a2, &a, 64); std::memcpy(b2, &b, 64); std::memcpy(c2, &c, 64);
-  c2[0] = _mm256_fmadd_ps(a2[0], b2[0], c2[0]);
-  c2[1] = _mm256_fmadd_ps(a2[1], b2[1], c2[1]);
-  std::memcpy(&c, c2, 64);
-  return c;
+#elif defined(__FMA__)  // implies AVX: kVec = 8
+  return (vfloat)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
   return a * b + c;
 #endif
@@ -124,8 +142,14 @@ inline vfloat vselect(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
 inline bool all_finite(vfloat v) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
   return _mm512_fpclass_ps_mask((__m512)v, 0x99) == 0;  // QNaN | +inf | -inf | SNaN
+#elif defined(__AVX__)  // one compare and a movemask, not a branch per lane
+  const __m256 z = (__m256)(v * 0.0f);  // 0 for finite lanes, NaN for inf and NaN
+  return _mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q)) == 0;
+#elif defined(__SSE2__)
+  const __m128 z = (__m128)(v * 0.0f);
+  return _mm_movemask_ps(_mm_cmpunord_ps(z, z)) == 0;
 #else
-  const vfloat z = v * 0.0f;  // 0 for finite lanes, NaN for inf and NaN
+  const vfloat z = v * 0.0f;
   for (int i = 0; i < kVec; ++i)
     if (z[i] != 0.0f) return false;
   return true;
@@ -177,12 +201,8 @@ inline void vstore(BFloat16* p, vfloat v) {
 inline vfloat vload(const Half* p) {
 #if defined(__AVX512F__)
   return (vfloat)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)
-  __m256 f[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-  vfloat v;
-  std::memcpy(&v, f, 64);
-  return v;
+#elif defined(__F16C__)  // implies AVX: kVec = 8
+  return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   vfloat v;
   for (int i = 0; i < kVec; ++i) v[i] = half_to_float(p[i].bits);
@@ -195,10 +215,7 @@ inline void vstore(Half* p, vfloat v) {
                       _mm512_maskz_cvtps_ph(0xffff, (__m512)v,
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #elif defined(__F16C__)
-  __m256 f[2];
-  std::memcpy(f, &v, 64);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(f[0], _MM_FROUND_TO_NEAREST_INT));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(f[1], _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
 #else
   for (int i = 0; i < kVec; ++i) p[i].bits = float_to_half(v[i]);
 #endif
@@ -432,5 +449,6 @@ inline void vactivation_batch(vfloat (&v)[K]) {
   else if constexpr (ACT == Activation::kGelu) vgelu_batch<kFast>(v);
 }
 
+}  // namespace FD_CPU_ISA
 }  // namespace cpu
 }  // namespace flashdiff
