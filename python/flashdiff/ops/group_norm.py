@@ -115,8 +115,10 @@ def empty_output(x):
 
 
 def _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats):
-    """(y, mean, rstd, args): the outputs allocated and the group_norm_fwd binding arguments
-    (docs/internals.md) for the compiled modules' entry points."""
+    """(y, mean, rstd, args, keep): the outputs allocated, the group_norm_fwd binding arguments
+    (docs/internals.md) for the compiled modules' entry points, and the tensors those raw
+    pointers point into (a contiguous copy of x, fp32 copies of the parameters): the caller
+    holds `keep` until the kernel has run, or the pointers dangle."""
     xk, channels_last = _kernel_layout(x)
     N, C = x.shape[:2]
     y = new_empty(xk)
@@ -126,13 +128,14 @@ def _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, s
     args = (xk.data_ptr(), y.data_ptr(), ptr(w), ptr(b), ptr(s), ptr(t), ptr(mean), ptr(rstd),
             N, C, math.prod(x.shape[2:]), num_groups, float(eps), _ACT_CODE[activation], channels_last,
             dtype_code(xk))
-    return y, mean, rstd, args
+    return y, mean, rstd, args, (xk, w, b, s, t)
 
 
 def _compiled_fwd(module, x, num_groups, weight, bias, eps, activation, scale, shift, stream=(),
                   stats=True):
-    y, mean, rstd, args = _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats)
+    y, mean, rstd, args, keep = _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats)
     module.group_norm_fwd(*args, *stream)
+    del keep  # the launch is queued on the stream; the caching allocator keeps the memory stream-ordered
     return y, mean, rstd
 
 
@@ -152,7 +155,7 @@ def _cuda_onepass_call(x, num_groups, weight, bias, eps, activation, scale, shif
     onepass = getattr(module, "group_norm_fwd_onepass", None)
     if onepass is None:
         raise RuntimeError("this build of flashdiff._cuda has no group_norm_fwd_onepass: rebuild it")
-    y, mean, rstd, args = _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats)
+    y, mean, rstd, args, keep = _compiled_call(x, num_groups, weight, bias, eps, activation, scale, shift, stats)
     stream = stream_of(x)
     # The device index comes from the tensor (a CUDA tensor always has one): the binding sets it
     # current without a pointer-attribute query, and no torch.cuda.device context is entered.
