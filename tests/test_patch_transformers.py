@@ -241,7 +241,8 @@ def test_torch_compile_fullgraph(name):
     ops = []
 
     def count_ops(gm, example_inputs):  # the captured graph, run as is
-        ops.extend(n for n in gm.graph.nodes if n.op == "call_function" and "flashdiff" in str(n.target))
+        ops.extend(n for n in gm.graph.nodes if n.op == "call_function" and "flashdiff::attention" in str(n.target)
+                   or "flashdiff.attention" in str(n.target))
         return gm.forward
 
     patch(model)
