@@ -296,3 +296,16 @@ def test_fast_path_does_not_swallow_autograd():
     assert y.requires_grad
     y.sum().backward()
     assert c.grad is not None and torch.isfinite(c.grad).all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: flashdiff.ddim_coefs(0.5, 0.6, eta=2.0), "eta"),                       # was: math domain error
+    (lambda: flashdiff.ddim_coefs(torch.tensor(0.0), torch.tensor(0.5)), "alpha_prod_t"),  # was: inf coefficients
+    (lambda: flashdiff.ddim_coefs(torch.tensor([0.5, 1.0]), torch.tensor([0.6, 0.7])), "alpha_prod_t"),
+    (lambda: flashdiff.dpmpp_2m_coefs(0.3, 0.5, 0.5), "sigma_prev"),                # was: ZeroDivisionError
+    (lambda: flashdiff.dpmpp_2m_coefs(0.3, 0.5, 0.0), "sigma_prev"),                # was: math domain error
+    (lambda: flashdiff.dpmpp_2m_coefs(torch.tensor([0.3]), torch.tensor([0.5]), torch.tensor([0.5])), "sigma_prev"),
+])
+def test_bad_schedule_values_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

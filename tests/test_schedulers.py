@@ -241,3 +241,24 @@ def test_reference_backend_agrees_with_fused():
         if backend == "reference":
             ref = x
     assert _rel(x, ref) <= 1e-5 and math.isfinite(float(x.abs().max()))
+
+
+def test_guidance_must_be_finite_and_the_table_cache_is_bounded():
+    """A NaN/inf guidance_scale used to pass and give NaN samples; every distinct float guidance
+    cached a new [T, 12] table forever (a guidance schedule leaked)."""
+    import pytest
+    import torch
+
+    from flashdiff.schedulers import DDIMScheduler
+    from flashdiff.schedulers import _base
+
+    s = DDIMScheduler()
+    s.set_timesteps(10)
+    x = torch.randn(1, 4, 8, 8)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            s.step(x, s.timesteps[0], x, model_output_uncond=x, guidance_scale=bad)
+    for i in range(3 * _base._MAX_TABLES):
+        s.step(x, s.timesteps[0], x, model_output_uncond=x, guidance_scale=1.0 + 0.01 * i)
+        s._step_index = None
+    assert len(s._tables) <= _base._MAX_TABLES

@@ -131,11 +131,24 @@ def _device_of(*values):
     return next((v.device for v in values if isinstance(v, torch.Tensor)), None)
 
 
+def _host_values(v):
+    """v's values when reading them costs no device sync (a number, or a CPU tensor: schedulers
+    build their tables from CPU tensors), else None (a device tensor is not read)."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    return v.detach() if v.device.type == "cpu" else None
+
+
 def _alpha(name, v, allow_one):
-    """ᾱ must be in (0, 1) ((0, 1] for the previous step); checked when it is a host number."""
+    """ᾱ must be in (0, 1) ((0, 1] for the previous step); checked on host numbers and CPU
+    tensors (ᾱ = 0 would divide by zero into inf coefficients)."""
     check.finite_number(name, v, allow_tensor=True)
-    if not isinstance(v, torch.Tensor) and not (0 < v < 1 or (allow_one and v == 1)):
-        raise ValueError(f"{name} must be in (0, {'1]' if allow_one else '1)'}, got {v}")
+    h = _host_values(v)
+    if h is not None:
+        ok = (h > 0) & ((h < 1) | (h == 1) if allow_one else (h < 1))
+        if not (bool(ok.all()) if isinstance(ok, torch.Tensor) else ok):
+            bad = h[~ok].flatten()[0].item() if isinstance(h, torch.Tensor) else h
+            raise ValueError(f"{name} must be in (0, {'1]' if allow_one else '1)'}, got {bad}")
     return _as64(v)
 
 
@@ -153,10 +166,17 @@ def ddim_coefs(alpha_prod_t: Scalar, alpha_prod_t_prev: Scalar, eta: Scalar = 0.
     c = _x0_eps_coefs(prediction_type, sqrt_a, sqrt_b)
     if use_clipped_model_output:  # eps re-derived from the (clipped) x0
         c.update(eps_from_x=1 / sqrt_b, eps_from_m=0.0, eps_from_x0=-sqrt_a / sqrt_b)
-    std = eta * _sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    var = eta * eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    room = 1 - a_prev - var  # the coefficient of eps is √room
+    h_room, h_eta = _host_values(room), _host_values(eta)
+    if h_room is not None and not bool((torch.as_tensor(h_room) >= -1e-12).all()):
+        raise ValueError(f"eta must keep the DDIM noise variance σ² within 1 − ᾱ_prev (eta <= 1 always does); "
+                         f"got eta = {h_eta if not isinstance(h_eta, torch.Tensor) else 'a tensor'} with σ² > 1 − ᾱ_prev")
+    std = _sqrt(var)
+    room = room.clamp(min=0) if isinstance(room, torch.Tensor) else max(room, 0.0)
     return _pack(device or _device_of(a_t, a_prev, eta), guidance=_guidance(guidance_scale),
                  clip=_clip(clip_sample_range), prev_from_x0=_sqrt(a_prev),
-                 prev_from_eps=_sqrt(1 - a_prev - std * std), prev_from_noise=std, **c)
+                 prev_from_eps=_sqrt(room), prev_from_noise=std, **c)
 
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -222,6 +242,14 @@ def dpmpp_2m_coefs(sigma_next: Scalar, sigma: Scalar, sigma_prev: Optional[Scala
     phi = alpha_t * (s_t / s_0 - 1)  # α_t(e^{−h} − 1)
     c.update(prev_from_x=(s_t * alpha_t) / (s_0 * alpha_0), prev_from_x0=-phi)
     if sigma_prev is not None:
+        h_1, h_0 = _host_values(sigma_prev), _host_values(sigma)
+        if h_1 is not None:
+            if not bool(torch.as_tensor(h_1 > 0).all()):
+                raise ValueError(f"sigma_prev must be > 0 (the previous step's σ; pass None for a first-order "
+                                 f"step), got {h_1 if not isinstance(h_1, torch.Tensor) else 'a tensor with σ <= 0'}")
+            if h_0 is not None and bool(torch.as_tensor(h_1 == h_0).any()):
+                raise ValueError("sigma_prev must differ from sigma (λ_prev = λ makes the second-order ratio "
+                                 "r0 divide by zero)")
         s_1 = _as64(sigma_prev)
         if isinstance(s_t, torch.Tensor) or isinstance(s_0, torch.Tensor) or isinstance(s_1, torch.Tensor):
             s_t, s_0, s_1 = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64,

@@ -28,8 +28,13 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from .. import _validate as check
 from ..ops.scheduler import scheduler_update
 from ..reference import SCHED_COEF_NAMES
+
+# Coefficient tables a scheduler keeps (per step kwargs x guidance weight x device): a loop
+# needs one or two; a guidance schedule (a new weight every step) would otherwise grow without end.
+_MAX_TABLES = 16
 
 __all__ = ["FusedScheduler", "pack_table", "make_output", "COL"]
 
@@ -232,6 +237,8 @@ class FusedScheduler:
         k = (kind, key, guidance, device)
         rows = self._tables.get(k)
         if rows is None:
+            if len(self._tables) >= _MAX_TABLES:  # a guidance schedule would grow it forever
+                self._tables.pop(next(iter(self._tables)))  # oldest first (captured graphs hold theirs)
             if kind == "main":
                 table = self._build_table(key)
             else:
@@ -275,6 +282,8 @@ class FusedScheduler:
                 prev_x0=None, return_x0=False):
         """(prev_sample, x0 or None) for step `index`: one fused update (two on the two-pass path)."""
         tensor_g = isinstance(guidance_scale, torch.Tensor)
+        if uncond is not None and not tensor_g:
+            check.finite_number("guidance_scale", guidance_scale)
         g = 1.0 if (uncond is None or tensor_g) else float(guidance_scale)
         device = sample.device
         if getattr(self.config, "thresholding", False):
