@@ -133,15 +133,8 @@ def test_group_norm(device_backend, dtype, seed, N, G, Cg, spatial, layout, acti
     C = G * Cg
     if backend == "torch":  # torch's CPU kernel misses the rule where |mean| >> spread (found
         offset = 0.0        # here: 1.2x the bound at mean 5, spread 1; as F.layer_norm, internals.md)
-    if backend in ("cpu", "cuda") and layout == "strided":  # a known bug: test_known_bugs
-        layout = "contiguous"
     x = _lay_out(_randn(gen, (N, C, *spatial), dtype, device, spread, offset), layout)
-    if backend == "torch" and N * Cg * x[0, 0].numel() == 1:  # F.group_norm refuses: test_known_bugs
-        event("torch: one value per group skipped")
-        return
-    # 16-bit weight/bias/scale/shift on the compiled backends: a known bug (test_known_bugs), so
-    # parameters stay fp32 there until it is fixed
-    pdt = torch.float32 if backend in ("cpu", "cuda") else dtype
+    pdt = dtype
     w, b = ((_randn(gen, (C,), pdt, device), _randn(gen, (C,), pdt, device)) if affine else (None, None))
     s, t = ((_randn(gen, (N, C), pdt, device, 0.5), _randn(gen, (N, C), pdt, device)) if modulate
             else (None, None))
@@ -236,13 +229,10 @@ def test_rms_norm(device_backend, dtype, seed, shape, layout, affine, eps, sprea
 
 
 # ---------------------------------------------------------------- what the fuzzer found
-# Cases hypothesis reduced, kept as plain tests. xfail (not strict: a use-after-free fails only
-# when the freed memory is reused) until ops/group_norm.py is fixed; then drop the marker and
-# the workarounds in test_group_norm above.
-@pytest.mark.xfail(reason="ops/group_norm.py _compiled_call: the fp32 copies f32() makes of 16-bit "
-                          "weight/bias/scale/shift are freed before the kernel reads their pointers")
+# Cases hypothesis reduced, kept as plain tests: each failed before its fix (0d1eac9 for the
+# first two: the cpu backend's temporaries were freed before the kernel read them).
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_known_bug_group_norm_16bit_params_cpu(dtype):
+def test_found_group_norm_16bit_params_cpu(dtype):
     require_backend("cpu", "cpu")
     torch.manual_seed(0)
     x = torch.randn(1, 1, 4).to(dtype)
@@ -253,17 +243,16 @@ def test_known_bug_group_norm_16bit_params_cpu(dtype):
            "group_norm cpu 16-bit scale/shift")
 
 
-@pytest.mark.xfail(raises=ValueError,
-                   reason="the torch backend calls F.group_norm, which refuses a tensor of one element "
-                          "('Expected more than 1 value per channel'); the reference returns shift")
-def test_known_bug_group_norm_single_element_torch():
+def test_found_group_norm_single_element_torch():
+    """F.group_norm refuses one value per group: the torch backend declines with the reason, and
+    auto serves it (the reference: y = 0 + shift)."""
     x = torch.randn(1, 1, 1)
-    flashdiff.group_norm(x, 1, backend="torch")
+    with pytest.raises(NotImplementedError, match="one value per group"):
+        flashdiff.group_norm(x, 1, backend="torch")
+    torch.testing.assert_close(flashdiff.group_norm(x, 1, backend="reference"), torch.zeros_like(x))
 
 
-@pytest.mark.xfail(reason="ops/group_norm.py: a non-dense x is copied for the kernel and the copy is "
-                          "freed before the kernel reads it (fp32 too)")
-def test_known_bug_group_norm_strided_x_cpu():
+def test_found_group_norm_strided_x_cpu():
     require_backend("cpu", "cpu")
     torch.manual_seed(0)
     x = torch.randn(1, 1, 2)

@@ -209,7 +209,15 @@ def _triton_fwd(x, num_groups, weight, bias, eps, activation, scale, shift, stat
 
 
 _dispatch.register("reference", _reference_fwd)
-_dispatch.register("torch", _torch_fwd)
+def _torch_supports(x, num_groups, **_):
+    # F.group_norm refuses a tensor with one value per (sample, group) over the whole batch
+    # ("Expected more than 1 value per channel"); the reference serves it (y = shift)
+    if x.shape[0] * (x.shape[1] // num_groups) * math.prod(x.shape[2:]) == 1:
+        return "torch's F.group_norm refuses one value per group over the batch"
+    return None
+
+
+_dispatch.register("torch", _torch_fwd, _torch_supports)
 _dispatch.register("cpu", _cpu_fwd, _kernel_supports)
 _dispatch.register("cuda", _cuda_fwd, _kernel_supports)
 _dispatch.register("triton", _triton_fwd, _triton_supports)
