@@ -260,14 +260,14 @@ def test_e2e_gpu_preset_runs_the_compile_rows_last():
     cases = presets.expand(["e2e-gpu"], "e2e")
     rows = [(b, s.label, s.rows) for _, b, s in cases]
     compile_at = [i for i, (_, _, r) in enumerate(rows) if r == ("torch.compile",)]
-    assert len(rows) == 8 and compile_at == [4, 5, 6, 7]
+    assert len(rows) == 10 and compile_at == [6, 7, 8, 9]
     assert {b for b, _, _ in rows} == {1, 8}
-    assert [b for b, _, _ in rows[4:]] == [8, 8, 1, 1]  # batch 8's compiles first
-    assert {label for _, label, _ in rows} == {"DiT-XL/2 256px", "SD1.5 UNet 512px"}
+    assert [b for b, _, _ in rows[6:]] == [8, 8, 1, 1]  # batch 8's compiles first
+    assert {label for _, label, _ in rows} == {"DiT-XL/2 256px", "SD1.5 UNet 512px", "Flux 3 blocks 1024px"}
     for _, b, s in cases:
         assert s.steps == 10 and s.batch == b and set(s.rows) <= set(presets.E2E_ROWS)
         assert s.compile_mode == ("default" if s.rows == ("torch.compile",) else None)
-    for _, _, s in cases[:4]:
+    for _, _, s in cases[:6]:
         assert set(s.rows) == set(presets.E2E_ROWS) - {"torch.compile"}
     assert bench.e2e.DIFFUSERS_MODELS["SD1.5-UNet"][1]["cross_attention_dim"] == 768
     assert presets.E2E_PRESET == {"cuda": "e2e-gpu", "cpu": "cpu"}

@@ -261,14 +261,18 @@ def _e2e_gpu(b: int) -> List[SamplingCase]:
     when the first took under ~37 s). ~110-150 s in all, ceilings and imports included."""
     dit = SamplingCase("DiT-XL/2", b, steps=10, guidance=4.0, label="DiT-XL/2 256px")
     unet = SamplingCase("SD1.5-UNet", b, steps=10, guidance=7.5, label="SD1.5 UNet 512px")
+    # Flux-shaped transformer (3 of FLUX.1's 57 blocks at full width, 1024 px; guidance-distilled:
+    # no CFG batch, flow-matching Euler); its eager rows run after the two above (phase 0 too).
+    flux = SamplingCase("Flux-3blocks", b, steps=10, guidance=1.0, label="Flux 3 blocks 1024px")
     eager_rows = tuple(r for r in E2E_ROWS if r != "torch.compile")
-    return ([replace(c, rows=eager_rows) for c in (dit, unet)] +
+    return ([replace(c, rows=eager_rows) for c in (dit, unet, flux)] +
             [replace(c, rows=("torch.compile",), phase=1 if b > 1 else 2, compile_mode="default")
              for c in (unet, dit)])
 
 
 _add(Preset(
-    "e2e-gpu", "10-step DDIM+CFG sampling: DiT-XL/2 256 px, SD 1.5 U-Net 512 px (random weights)", "cuda",
+    "e2e-gpu", "10-step sampling: DiT-XL/2 256 px and SD 1.5 U-Net 512 px (DDIM+CFG), a Flux-shaped "
+    "transformer 1024 px (flow Euler); random weights", "cuda",
     (1, 8), _e2e=_e2e_gpu,
 ))
 _add(Preset(
