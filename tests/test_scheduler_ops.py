@@ -309,3 +309,24 @@ def test_fast_path_does_not_swallow_autograd():
 def test_bad_schedule_values_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_host_schedules_reach_a_gpu_without_blocking_the_host(monkeypatch):
+    """Coefficients built from Python numbers for a CUDA sample go through pinned memory and a
+    non-blocking copy (a pageable copy blocks the host until the stream drains). Checked by
+    recording what _pack asks of torch, since this machine may have no GPU."""
+    import flashdiff.ops.scheduler as S
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    real_to = torch.Tensor.to
+
+    def fake_to(self, *args, **kwargs):
+        if args and str(args[0]).startswith("cuda"):
+            calls.append(("to", str(args[0]), kwargs.get("non_blocking")))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    S._pack(device="cuda:0", guidance=2.0, x0_from_x=1.0)
+    assert calls == ["pin", ("to", "cuda:0", True)]

@@ -61,11 +61,23 @@ def _pack(device=None, **named) -> torch.Tensor:
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not tensors:  # from_numpy: a third of torch.tensor(list)'s cost, which is µs here
         coefs = torch.from_numpy(np.array(values, dtype=np.float32))
-        return coefs if device is None or torch.device(device).type == "cpu" else coefs.to(device)
+        return coefs if device is None or torch.device(device).type == "cpu" else _to_device(coefs, device)
     ref = tensors[0]
-    values = [v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=ref.device)
+    # Python numbers beside device tensors: filled on the device (torch.tensor(v, device=cuda)
+    # would be a pageable host->device copy, which blocks the host)
+    values = [v if isinstance(v, torch.Tensor) else torch.full((), v, dtype=torch.float64, device=ref.device)
               for v in values]
     return torch.stack(torch.broadcast_tensors(*values), dim=-1).to(torch.float32)
+
+
+def _to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without blocking the host: from pinned memory with a
+    non-blocking copy on CUDA (a pageable copy waits for the stream, i.e. a sync inside a
+    sampling loop); the caching host allocator keeps the pinned block until the copy is done.
+    Builders with host-number schedules are memoized, so this runs once per distinct step."""
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 # Exact types of the schedule values worth memoizing (tensors of any subclass, numpy scalars
