@@ -22,7 +22,7 @@
 #include "flashdiff/cpu_vec.h"
 #include "flashdiff/params.h"
 #include "kernels.h"
-#include "static_switch.h"
+#include "dtype_switch.h"
 
 namespace flashdiff {
 namespace cpu {

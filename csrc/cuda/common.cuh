@@ -51,9 +51,9 @@ namespace cuda {
 
 // ------------------------------------------------------------------ static switches
 // FD_BOOL_SWITCH and FD_ACTIVATION_SWITCH come from flashdiff/static_switch.h (shared with the
-// CPU kernels); here the dtype switch names CUDA's 16-bit types and the type `elem_t`.
-#define FD_DTYPE_SWITCH(DTYPE, ...) \
-  FD_DTYPE_SWITCH_AS(DTYPE, elem_t, __half, __nv_bfloat16, "flashdiff._cuda", __VA_ARGS__)
+// CPU kernels); here the dtype switch names CUDA's 16-bit types (callers name the type elem_t).
+#define FD_DTYPE_SWITCH(DTYPE, TYPE_NAME, ...) \
+  FD_DTYPE_SWITCH_AS(DTYPE, TYPE_NAME, __half, __nv_bfloat16, "flashdiff._cuda", __VA_ARGS__)
 
 // Half-precision only (attention).
 #define FD_HALF_DTYPE_SWITCH(DTYPE, ...)                                             \

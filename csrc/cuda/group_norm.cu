@@ -226,7 +226,7 @@ void group_norm_fwd(const GroupNormParams& p, cudaStream_t stream) {
   FD_REQUIRE(p.C % p.G == 0, "group_norm_fwd: num_groups must divide C");
   if (p.N == 0 || p.C == 0 || p.S == 0) return;
   FD_REQUIRE(p.x && p.y, "group_norm_fwd: x and y must be non-null");
-  FD_DTYPE_SWITCH(p.dtype, [&] {
+  FD_DTYPE_SWITCH(p.dtype, elem_t, [&] {
     constexpr int kVec = 16 / sizeof(elem_t);
     const int64_t Cg = p.C / p.G;
     // 16-byte accesses need aligned pointers and vectors that never straddle what the kernels

@@ -320,7 +320,7 @@ bool group_norm_fwd_onepass(const GroupNormParams& p, cudaStream_t stream) {
   const DeviceFacts f = device_facts(dev);
   if (f.major < 9) return false;  // thread-block clusters are sm_90+
   bool done = false;
-  FD_DTYPE_SWITCH(p.dtype, [&] {
+  FD_DTYPE_SWITCH(p.dtype, elem_t, [&] {
     const int64_t Cg = p.C / p.G;
     // Widest copy whose vectors never straddle a channel (NCHW: S % VEC) or a group row
     // (channels_last: Cg % VEC) and whose addresses are aligned to its size.

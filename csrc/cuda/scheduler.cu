@@ -91,7 +91,7 @@ void scheduler_update(const SchedulerUpdateParams& p, cudaStream_t stream) {
                          (!p.model_output_uncond || aligned16(p.model_output_uncond)) &&
                          (!p.noise || aligned16(p.noise)) && (!p.prev_x0 || aligned16(p.prev_x0)) &&
                          (!p.x0_out || aligned16(p.x0_out));
-  FD_DTYPE_SWITCH(p.dtype, [&] {
+  FD_DTYPE_SWITCH(p.dtype, elem_t, [&] {
     FD_BOOL_SWITCH(p.model_output_uncond != nullptr, kHasU, [&] {
       FD_BOOL_SWITCH(p.noise != nullptr, kHasNoise, [&] {
         FD_BOOL_SWITCH(p.prev_x0 != nullptr, kHasPrev, [&] {

@@ -45,7 +45,7 @@
 namespace flashdiff {
 namespace cpu {
 
-// Storage types only (no code): shared by every level and by csrc/cpu/static_switch.h.
+// Storage types only (no code): shared by every level and by csrc/cpu/dtype_switch.h.
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
 static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2, "16-bit storage types");

@@ -5,7 +5,8 @@
 //   FD_BOOL_SWITCH(params.noise != nullptr, kHasNoise, [&] { kernel<kHasNoise>(params); });
 //   FD_ACTIVATION_SWITCH(params.activation, kAct, [&] { kernel<kAct>(params); });
 //   FD_DTYPE_SWITCH_AS(params.dtype, T, Float16Type, BFloat16Type, "flashdiff._cpu", [&] { ... });
-// Each backend names its 16-bit types once (csrc/cpu/static_switch.h, csrc/cuda/common.cuh).
+// Each backend names its 16-bit types once (csrc/cpu/dtype_switch.h, csrc/cuda/common.cuh), both as
+// FD_DTYPE_SWITCH(dtype, TYPE_NAME, [&] { ... }).
 #pragma once
 #include <stdexcept>
 #include <string>

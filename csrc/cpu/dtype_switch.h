@@ -1,4 +1,5 @@
-// The shared compile-time switches (flashdiff/static_switch.h) with the CPU's 16-bit types.
+// FD_DTYPE_SWITCH for the CPU kernels: the shared switch (flashdiff/static_switch.h) with the
+// CPU's 16-bit storage types. Same arity as the CUDA one (csrc/cuda/common.cuh).
 //   FD_DTYPE_SWITCH(params.dtype, T, [&] { kernel<T>(params); });
 #pragma once
 #include "flashdiff/cpu_vec.h"
