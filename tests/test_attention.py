@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import flashdiff
 from flashdiff import reference
-from flashdiff.testing import assert_close, poisoned_outputs
+from flashdiff.testing import assert_attention_grads, assert_close, poisoned_outputs
 
 from conftest import DEVICE_BACKENDS, DTYPE_IDS, DTYPES, require_backend
 
@@ -116,16 +116,7 @@ def test_backward(device_backend, dtype):
     mask[..., -5:] = False
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     o = flashdiff.attention(*leaves, attn_mask=mask, backend=backend)
-    do = torch.randn_like(o)
-    grads = torch.autograd.grad(o, leaves, do)
-
-    def ref_grads(upcast):
-        ref_leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = reference.attention(*ref_leaves, mask, upcast=upcast)
-        return torch.autograd.grad(out, ref_leaves, do.to(out.dtype))
-
-    for name, g, r, r_d in zip("qkv", grads, ref_grads(True), ref_grads(False)):
-        assert_close(g, r, r_d, f"d{name} {backend} {dtype}")
+    assert_attention_grads(o, leaves, mask, f"{backend} {dtype}")
 
 
 def test_matches_torch_sdpa_semantics():

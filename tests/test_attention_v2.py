@@ -13,7 +13,7 @@ import torch
 
 import flashdiff
 from flashdiff import reference
-from flashdiff.testing import assert_close, poisoned_outputs
+from flashdiff.testing import assert_attention_grads, assert_close, poisoned_outputs
 
 from conftest import DTYPE_IDS, DTYPES, require_backend
 
@@ -163,16 +163,7 @@ def test_backward_through_custom_op():
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     o, lse = ops_attention._attention_op(*leaves, mask, 1.0 / math.sqrt(40), V2)
     assert lse.shape == q.shape[:3]
-    do = torch.randn_like(o)
-    grads = torch.autograd.grad(o, leaves, do)
-
-    def ref_grads(upcast):
-        ref_leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = reference.attention(*ref_leaves, mask, upcast=upcast)
-        return torch.autograd.grad(out, ref_leaves, do.to(out.dtype))
-
-    for name, g, r, r_d in zip("qkv", grads, ref_grads(True), ref_grads(False)):
-        assert_close(g, r, r_d, f"d{name} {V2}")
+    assert_attention_grads(o, leaves, mask, V2)
 
 
 def test_fake_matches_real_lse_shape():

@@ -76,3 +76,21 @@ def poisoned_outputs():
         yield
     finally:
         _common.POISON_OUTPUTS = before
+
+
+def assert_attention_grads(o, leaves, mask, label: str = "") -> None:
+    """dq, dk, dv of an attention output `o` computed from `leaves` (q, k, v requiring grad)
+    against the reference's gradients, by the rule above (float64 reference; the reference in
+    the leaves' dtype as the torch-in-dtype term)."""
+    from . import reference
+
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, leaves, do)
+
+    def ref_grads(upcast):
+        ref_leaves = [t.detach().requires_grad_(True) for t in leaves]
+        out = reference.attention(*ref_leaves, mask, upcast=upcast)
+        return torch.autograd.grad(out, ref_leaves, do.to(out.dtype))
+
+    for name, g, r, r_d in zip("qkv", grads, ref_grads(True), ref_grads(False)):
+        assert_close(g, r, r_d, f"d{name} {label}")
