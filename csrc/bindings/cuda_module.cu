@@ -258,12 +258,15 @@ bool group_norm_fwd_onepass(std::uintptr_t x, std::uintptr_t y, std::uintptr_t w
   return flashdiff::cuda::group_norm_fwd_onepass(p, as_stream(stream));
 }
 
-void attention_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o, std::uintptr_t lse,
-                   std::uintptr_t key_padding_mask, int64_t B, int64_t H, int64_t Sq, int64_t Skv, int64_t D,
-                   int64_t q_stride_b, int64_t q_stride_h, int64_t q_stride_s, int64_t k_stride_b,
-                   int64_t k_stride_h, int64_t k_stride_s, int64_t v_stride_b, int64_t v_stride_h,
-                   int64_t v_stride_s, int64_t o_stride_b, int64_t o_stride_h, int64_t o_stride_s,
-                   int64_t mask_stride_b, double scale, int dtype, std::uintptr_t stream) {
+// The binding arguments of both attention entry points, as the kernels' params.
+flashdiff::AttentionParams attention_params(const char* name, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                                            std::uintptr_t o, std::uintptr_t lse, std::uintptr_t key_padding_mask,
+                                            int64_t B, int64_t H, int64_t Sq, int64_t Skv, int64_t D,
+                                            int64_t q_stride_b, int64_t q_stride_h, int64_t q_stride_s,
+                                            int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_s,
+                                            int64_t v_stride_b, int64_t v_stride_h, int64_t v_stride_s,
+                                            int64_t o_stride_b, int64_t o_stride_h, int64_t o_stride_s,
+                                            int64_t mask_stride_b, double scale, int dtype) {
   flashdiff::AttentionParams p;
   p.q = as_ptr<const void>(q);
   p.k = as_ptr<const void>(k);
@@ -292,12 +295,40 @@ void attention_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::ui
   p.scale = static_cast<float>(scale);
   p.dtype = as_dtype(dtype);
   if (B < 0 || H < 0 || Sq < 0 || Skv < 0 || D < 0) {
-    throw std::runtime_error("flashdiff._cuda: attention_fwd: sizes must be >= 0");
+    throw std::runtime_error(std::string("flashdiff._cuda: ") + name + ": sizes must be >= 0");
   }
+  return p;
+}
+
+#define FD_ATTENTION_ARGS                                                                                        \
+  std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o, std::uintptr_t lse,                    \
+      std::uintptr_t key_padding_mask, int64_t B, int64_t H, int64_t Sq, int64_t Skv, int64_t D,                 \
+      int64_t q_stride_b, int64_t q_stride_h, int64_t q_stride_s, int64_t k_stride_b, int64_t k_stride_h,        \
+      int64_t k_stride_s, int64_t v_stride_b, int64_t v_stride_h, int64_t v_stride_s, int64_t o_stride_b,        \
+      int64_t o_stride_h, int64_t o_stride_s, int64_t mask_stride_b, double scale, int dtype
+#define FD_ATTENTION_PASS                                                                                       \
+  q, k, v, o, lse, key_padding_mask, B, H, Sq, Skv, D, q_stride_b, q_stride_h, q_stride_s, k_stride_b,          \
+      k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s, o_stride_b, o_stride_h, o_stride_s,           \
+      mask_stride_b, scale, dtype
+
+void attention_fwd(FD_ATTENTION_ARGS, std::uintptr_t stream) {
+  const flashdiff::AttentionParams p = attention_params("attention_fwd", FD_ATTENTION_PASS);
   if (B == 0 || H == 0 || Sq == 0) return;
   DeviceGuard guard(p.o, "attention_fwd(o)");
   flashdiff::cuda::attention_fwd(p, as_stream(stream));
 }
+
+// attention_fwd's arguments; true when the cross-attention kernel ran, false (nothing launched)
+// where it cannot serve the call and the caller should run attention_fwd.
+bool attention_fwd_cross(FD_ATTENTION_ARGS, std::uintptr_t stream) {
+  const flashdiff::AttentionParams p = attention_params("attention_fwd_cross", FD_ATTENTION_PASS);
+  if (B == 0 || H == 0 || Sq == 0) return true;
+  DeviceGuard guard(p.o, "attention_fwd_cross(o)");
+  return flashdiff::cuda::attention_fwd_cross(p, as_stream(stream));
+}
+
+#undef FD_ATTENTION_ARGS
+#undef FD_ATTENTION_PASS
 
 }  // namespace
 
@@ -329,5 +360,13 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("v_stride_s"), py::arg("o_stride_b"), py::arg("o_stride_h"), py::arg("o_stride_s"),
         py::arg("mask_stride_b"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
         "FlashAttention-2 forward (fp16/bf16, head_dim <= 256); writes o and, if lse != 0, lse.");
+  m.def("attention_fwd_cross", &attention_fwd_cross, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
+        py::arg("lse"), py::arg("key_padding_mask"), py::arg("B"), py::arg("H"), py::arg("Sq"), py::arg("Skv"),
+        py::arg("D"), py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_s"), py::arg("k_stride_b"),
+        py::arg("k_stride_h"), py::arg("k_stride_s"), py::arg("v_stride_b"), py::arg("v_stride_h"),
+        py::arg("v_stride_s"), py::arg("o_stride_b"), py::arg("o_stride_h"), py::arg("o_stride_s"),
+        py::arg("mask_stride_b"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        "attention_fwd for short key sets (Skv <= 256, head_dim <= 160): K and V of a (batch, head) in shared "
+        "memory, one softmax pass. Returns False, launching nothing, where it cannot serve the inputs.");
   m.attr("max_head_dim") = flashdiff::cuda::kAttentionMaxHeadDim;
 }

@@ -48,6 +48,13 @@ bool group_norm_fwd_onepass(const GroupNormParams& p, cudaStream_t stream);
 
 void attention_fwd(const AttentionParams& p, cudaStream_t stream);
 
+// Cross-attention for short key sets (attention_cross.cu): K and V of a (batch, head) held in
+// shared memory, one softmax pass without rescaling. Same parameters as attention_fwd. Returns
+// false, having launched nothing, where it cannot serve the call (Skv > 256, D > 160, B·H >
+// 65535, K/V plus a 64-row Q tile over the device's shared memory per block, or arguments
+// attention_fwd would refuse): the caller then runs attention_fwd. Empty input: true, no launch.
+bool attention_fwd_cross(const AttentionParams& p, cudaStream_t stream);
+
 // Head-dim buckets served by attention_fwd: D is rounded up to the first bucket >= D.
 constexpr int kAttentionMaxHeadDim = 256;
 

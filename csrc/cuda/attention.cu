@@ -23,10 +23,6 @@ namespace cuda {
     return __VA_ARGS__();                                         \
   }()
 
-namespace {
-bool stride_ok(int64_t s) { return s % 8 == 0; }
-}  // namespace
-
 void attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   FD_REQUIRE(p.B >= 0 && p.H >= 0 && p.Sq >= 0 && p.Skv >= 0, "attention_fwd: sizes must be >= 0");
   if (p.B == 0 || p.H == 0 || p.Sq == 0) return;
@@ -38,11 +34,7 @@ void attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   FD_REQUIRE(p.q && p.o && (p.Skv == 0 || (p.k && p.v)), "attention_fwd: q, k, v and o must be non-null");
   FD_REQUIRE(p.key_padding_mask == nullptr || p.Skv == 0 || p.mask_stride_b >= 0,
              "attention_fwd: mask_stride_b must be >= 0");
-  const bool vec_ok = p.D % 8 == 0 && aligned16(p.q) && aligned16(p.o) && (p.Skv == 0 || (aligned16(p.k) && aligned16(p.v))) &&
-                      stride_ok(p.q_stride_b) && stride_ok(p.q_stride_h) && stride_ok(p.q_stride_s) &&
-                      stride_ok(p.k_stride_b) && stride_ok(p.k_stride_h) && stride_ok(p.k_stride_s) &&
-                      stride_ok(p.v_stride_b) && stride_ok(p.v_stride_h) && stride_ok(p.v_stride_s) &&
-                      stride_ok(p.o_stride_b) && stride_ok(p.o_stride_h) && stride_ok(p.o_stride_s);
+  const bool vec_ok = attention_vec_ok(p);
   FD_HALF_DTYPE_SWITCH(p.dtype, [&] {
     FD_HEADDIM_SWITCH(p.D, [&] { run_attention_fwd<elem_t, kHeadDim>(p, vec_ok, stream); });
   });

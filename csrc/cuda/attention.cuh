@@ -3,7 +3,10 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "api.cuh"
+#include "common.cuh"
 
 namespace flashdiff {
 namespace cuda {
@@ -14,6 +17,15 @@ namespace cuda {
 // move with 16-byte cp.async; otherwise the kernel falls back to element loads and stores.
 template <typename T, int kHeadDim>
 void run_attention_fwd(const AttentionParams& p, bool vec_ok, cudaStream_t stream);
+
+// The vec_ok above for p (also the cross-attention kernel's, attention_cross.cu).
+inline bool attention_vec_ok(const AttentionParams& p) {
+  const auto s8 = [](int64_t s) { return s % 8 == 0; };
+  return p.D % 8 == 0 && aligned16(p.q) && aligned16(p.o) && (p.Skv == 0 || (aligned16(p.k) && aligned16(p.v))) &&
+         s8(p.q_stride_b) && s8(p.q_stride_h) && s8(p.q_stride_s) && s8(p.k_stride_b) && s8(p.k_stride_h) &&
+         s8(p.k_stride_s) && s8(p.v_stride_b) && s8(p.v_stride_h) && s8(p.v_stride_s) && s8(p.o_stride_b) &&
+         s8(p.o_stride_h) && s8(p.o_stride_s);
+}
 
 }  // namespace cuda
 }  // namespace flashdiff

@@ -1,5 +1,5 @@
 // FlashAttention-2-style forward kernel on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
-// fp32 accumulate). Included only by attention_hdim*.cu.
+// fp32 accumulate). Included by attention_hdim*.cu and attention_cross.cu.
 //
 // One block = 4 warps = 64 query rows of one (batch, head); each warp owns 16 rows end to end
 // (its rows of Q, S = Q·Kᵀ, P, O), so warps only meet at the shared K and V tiles.
@@ -11,6 +11,9 @@
 // Work: 4·B·H·Sq·Skv·D FLOPs; memory: Q, O once, K and V once per 64-row query block.
 // Shared memory rows are padded by 8 elements (16 bytes), which makes the 8 row addresses of
 // every ldmatrix fall in distinct bank groups (no conflicts) without a swizzle.
+//
+// The PTX wrappers, the tile loader, the fragment loaders and the warp epilogue below are also
+// used by the cross-attention kernel (attention_cross.cu), which includes this header.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -89,22 +92,23 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 // ------------------------------------------------------------------ tiles
-// Copy rows [0, kRows) x columns [0, kHeadDim) of a strided global tile into shared memory
-// (row stride kHeadDim + kPad). Rows >= rows_valid and columns >= D are zero-filled.
-template <typename T, int kRows, int kHeadDim>
-__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int64_t rows_valid, int D,
-                                          bool vec_ok) {
+// Copy rows [0, n_rows) x columns [0, kHeadDim) of a strided global tile into shared memory
+// (row stride kHeadDim + kPad) with the kNThreads threads of the block. Rows >= rows_valid and
+// columns >= D are zero-filled.
+template <typename T, int kHeadDim, int kNThreads>
+__device__ __forceinline__ void load_rows(T* smem, const T* gmem, int64_t row_stride, int n_rows,
+                                          int64_t rows_valid, int D, bool vec_ok) {
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   constexpr int kStride = kHeadDim + kPad;
   if (vec_ok) {  // D % 8 == 0: a chunk is entirely inside or outside the head dim
 #pragma unroll
-    for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
+    for (int i = threadIdx.x; i < n_rows * kChunks; i += kNThreads) {
       const int r = i / kChunks, col = (i % kChunks) * 8;
       const bool valid = r < rows_valid && col < D;
       cp_async_16(smem + r * kStride + col, valid ? gmem + r * row_stride + col : gmem, valid ? 16 : 0);
     }
   } else {
-    for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
+    for (int i = threadIdx.x; i < n_rows * kChunks; i += kNThreads) {
       const int r = i / kChunks, col = (i % kChunks) * 8;
       Vec<T, 8> tmp;
 #pragma unroll
@@ -112,6 +116,104 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
         tmp.v[j] = (r < rows_valid && col + j < D) ? gmem[r * row_stride + col + j] : from_float<T>(0.f);
       }
       *reinterpret_cast<Vec<T, 8>*>(smem + r * kStride + col) = tmp;
+    }
+  }
+}
+
+// load_rows for a compile-time row count and this kernel's block of kThreads.
+template <typename T, int kRows, int kHeadDim>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int64_t rows_valid, int D,
+                                          bool vec_ok) {
+  load_rows<T, kHeadDim, kThreads>(smem, gmem, row_stride, kRows, rows_valid, D, vec_ok);
+}
+
+// ------------------------------------------------------------------ fragments
+// The ldmatrix addressing of the three mma operands, for shared tiles of row stride kStride.
+// A of S = Q·Kᵀ: 16 query rows x 16 columns at `rows` (already offset to the k-step's column);
+// lanes 0-15 address rows 0-15, lanes 16-31 the same rows 8 columns on.
+template <int kStride, typename T>
+__device__ __forceinline__ void load_frag_q(uint32_t (&a)[4], const T* rows, int lane) {
+  ldmatrix_x4(a, rows + (lane % 16) * kStride + (lane / 16) * 8);
+}
+// B of S = Q·Kᵀ for two n-tiles (16 keys) x 16 columns at `keys`: matrices (keys 0-7, k lo),
+// (keys 0-7, k hi), (keys 8-15, k lo), (keys 8-15, k hi): b[0], b[1] feed the first n-tile,
+// b[2], b[3] the second.
+template <int kStride, typename T>
+__device__ __forceinline__ void load_frag_k(uint32_t (&b)[4], const T* keys, int lane) {
+  ldmatrix_x4(b, keys + ((lane % 8) + (lane / 16) * 8) * kStride + ((lane / 8) % 2) * 8);
+}
+// B of O += P·V for 16 keys x two n-tiles of head dim (16 columns) at `keys`, transposed:
+// matrices (keys lo, d lo), (keys hi, d lo), (keys lo, d hi), (keys hi, d hi).
+template <int kStride, typename T>
+__device__ __forceinline__ void load_frag_v(uint32_t (&b)[4], const T* keys, int lane) {
+  ldmatrix_x4_trans(b, keys + ((lane % 8) + ((lane / 8) % 2) * 8) * kStride + (lane / 16) * 8);
+}
+
+// P (fp32 scores after exp, mma accumulator layout, n-tiles 2·kk and 2·kk + 1) as the A fragment
+// of O += P·V: the accumulator layout of two n-tiles is the A layout of one 16-wide k-step.
+template <typename T>
+__device__ __forceinline__ void pack_frag_p(uint32_t (&a)[4], const float (&s0)[4], const float (&s1)[4]) {
+  a[0] = pack2<T>(s0[0], s0[1]);
+  a[1] = pack2<T>(s0[2], s0[3]);
+  a[2] = pack2<T>(s1[0], s1[1]);
+  a[3] = pack2<T>(s1[2], s1[3]);
+}
+
+// ------------------------------------------------------------------ epilogue
+// The end of a warp that owns query rows row0 .. row0 + 15 of (b, h): O /= l, lse, and O stored
+// through the warp's 16 rows of shared memory `sO` (only this warp may use them) as coalesced
+// 16-byte stores. row_max: per thread rows g, g + 8, in log2 units (scores · scale · log2 e);
+// row_sum: this thread's columns only, reduced over the quad here. The caller makes sure no
+// cp.async into sO is still in flight.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void finish_warp_rows(const AttentionParams& p, int64_t b, int64_t h, int64_t row0,
+                                                 float (&acc_o)[kHeadDim / 8][4], const float (&row_max)[2],
+                                                 const float (&row_sum)[2], T* sO, bool vec_ok) {
+  constexpr int kStride = kHeadDim + kPad;
+  constexpr int kDTiles = kHeadDim / 8;
+  const int lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int D = static_cast<int>(p.D);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    // fully masked row: sum == 0 -> output 0 and lse = +inf (so exp(s - lse) = 0 in a backward);
+    // NaN inputs keep NaN
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      acc_o[dt][2 * r] *= inv;
+      acc_o[dt][2 * r + 1] *= inv;
+    }
+    if (p.lse != nullptr && t == 0) {
+      const int64_t row = row0 + g + 8 * r;
+      if (row < p.Sq) {
+        p.lse[(b * p.H + h) * p.Sq + row] = sum == 0.f ? INFINITY : row_max[r] * 0.6931471805599453f + logf(sum);
+      }
+    }
+  }
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * kStride + dt * 8 + 2 * t) =
+          pack2<T>(acc_o[dt][2 * r], acc_o[dt][2 * r + 1]);
+    }
+  }
+  __syncwarp();
+  T* o = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+  for (int i = lane; i < 16 * kDTiles; i += 32) {
+    const int r = i / kDTiles, col = (i % kDTiles) * 8;
+    const int64_t row = row0 + r;
+    if (row >= p.Sq || col >= D) continue;
+    T* dst = o + row * p.o_stride_s + col;
+    const T* src = sO + r * kStride + col;
+    if (vec_ok) {
+      *reinterpret_cast<Vec<T, 8>*>(dst) = *reinterpret_cast<const Vec<T, 8>*>(src);
+    } else {
+      for (int j = 0; j < 8 && col + j < D; ++j) dst[j] = src[j];
     }
   }
 }
@@ -130,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   T* sV = sK + kBlockN * kStride;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates: row group, thread in group
+  const int t = lane & 3;  // mma fragment coordinate: thread in its row group (the column pair)
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
   const int D = static_cast<int>(p.D);
@@ -169,13 +271,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       if (kk * 16 >= D) break;  // the rest of the bucket is zero padding
       uint32_t a[4];
-      // A fragment: lanes 0-15 address rows 0-15 at column kk·16, lanes 16-31 the same rows at +8
-      ldmatrix_x4(a, sQw + (lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
+      load_frag_q<kStride>(a, sQw + kk * 16, lane);
 #pragma unroll
       for (int nt = 0; nt < kNTiles; nt += 2) {
         uint32_t bk[4];
-        // matrices: (keys nt·8.., k lo), (keys nt·8.., k hi), (keys nt·8+8.., k lo), (.., k hi)
-        ldmatrix_x4(bk, sK + (nt * 8 + (lane % 8) + (lane / 16) * 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8);
+        load_frag_k<kStride>(bk, sK + nt * 8 * kStride + kk * 16, lane);
         mma_16816<T>(s[nt], a, bk[0], bk[1]);
         mma_16816<T>(s[nt + 1], a, bk[2], bk[3]);
       }
@@ -237,16 +337,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      pack_frag_p<T>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int dt = 0; dt < kDTiles; dt += 2) {
         if (dt * 8 >= D) break;  // padded head-dim columns are never stored
         uint32_t bv[4];
-        // matrices (transposed): (keys lo, d dt), (keys hi, d dt), (keys lo, d dt+1), (keys hi, d dt+1)
-        ldmatrix_x4_trans(bv, sV + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kStride + dt * 8 + (lane / 16) * 8);
+        load_frag_v<kStride>(bv, sV + kk * 16 * kStride + dt * 8, lane);
         mma_16816<T>(acc_o[dt], a, bv[0], bv[1]);
         mma_16816<T>(acc_o[dt + 1], a, bv[2], bv[3]);
       }
@@ -258,49 +354,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   // flight: wait for ours, then for everyone's, before this warp reuses its rows of sQ.
   cp_async_wait_all();
   __syncthreads();
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    // fully masked row: sum == 0 -> output 0 and lse = +inf (so exp(s - lse) = 0 in a backward);
-    // NaN inputs keep NaN
-    const float inv = sum == 0.f ? 0.f : 1.f / sum;
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      acc_o[dt][2 * r] *= inv;
-      acc_o[dt][2 * r + 1] *= inv;
-    }
-    if (p.lse != nullptr && t == 0) {
-      const int64_t row = m0 + warp * 16 + g + 8 * r;
-      if (row < p.Sq) {
-        p.lse[(b * p.H + h) * p.Sq + row] = sum == 0.f ? INFINITY : row_max[r] * 0.6931471805599453f + logf(sum);
-      }
-    }
-  }
-  T* sO = sQ + warp * 16 * kStride;  // only this warp ever read these rows of sQ
-#pragma unroll
-  for (int dt = 0; dt < kDTiles; ++dt) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      *reinterpret_cast<uint32_t*>(sO + (g + 8 * r) * kStride + dt * 8 + 2 * t) =
-          pack2<T>(acc_o[dt][2 * r], acc_o[dt][2 * r + 1]);
-    }
-  }
-  __syncwarp();
-  T* o = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-  for (int i = lane; i < 16 * kDTiles; i += 32) {
-    const int r = i / kDTiles, col = (i % kDTiles) * 8;
-    const int64_t row = m0 + warp * 16 + r;
-    if (row >= p.Sq || col >= D) continue;
-    T* dst = o + row * p.o_stride_s + col;
-    const T* src = sO + r * kStride + col;
-    if (vec_ok) {
-      *reinterpret_cast<Vec<T, 8>*>(dst) = *reinterpret_cast<const Vec<T, 8>*>(src);
-    } else {
-      for (int j = 0; j < 8 && col + j < D; ++j) dst[j] = src[j];
-    }
-  }
+  // only this warp ever read its rows of sQ
+  finish_warp_rows<T, kHeadDim>(p, b, h, m0 + warp * 16, acc_o, row_max, row_sum, sQ + warp * 16 * kStride, vec_ok);
 }
 
 }  // namespace attn
