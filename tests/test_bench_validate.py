@@ -319,3 +319,26 @@ def test_e2e_flux_transformer_rows_run_on_a_tiny_config(monkeypatch):
     assert outs["torch eager"].shape == (1, 16, 8)
     torch.testing.assert_close(outs["flashdiff patch"], outs["torch eager"], rtol=1e-4, atol=1e-4)
     assert "GPU" in outs["flashdiff patch+graph"]
+
+
+def test_masked_attention_cases_pass_the_mask_to_every_row():
+    """Padded-prompt attention cases (key-padding masks) time every row with the same mask: the
+    flashdiff rows and the SDPA baselines agree on the masked output."""
+    import torch
+
+    from flashdiff import presets as P
+    from flashdiff.bench.cases import attention_cases
+    from flashdiff.bench.core import _Compiler
+
+    s = P.AttentionShape(1, 2, 33, 77, 40, "padded", masked_keys=20)
+    assert "mask-20" in str(s)
+    case = attention_cases("t", 1, s, torch.float32, "cpu", ["cpu"], _Compiler(False, "default", 1))
+    inp = case.setup()
+    assert inp["mask"].shape == (1, 1, 1, 77) and int(inp["mask"].sum()) == 57
+    outs = {row.name: row.make(inp)() for row in sorted(case.rows, key=lambda r: r.role != "baseline")}
+    unmasked = torch.nn.functional.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"])
+    for name, out in outs.items():
+        torch.testing.assert_close(out, outs["sdpa"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs["sdpa"], unmasked)
+    assert any(sh.masked_keys for sh in P.get("sd15").attention(1)) and any(
+        sh.masked_keys for sh in P.get("flux-1024").attention(1))

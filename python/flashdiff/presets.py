@@ -44,13 +44,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 # ------------------------------------------------------------------ shape records
 @dataclass(frozen=True)
 class AttentionShape:
-    """q [B, H, Sq, D], k/v [B, H, Skv, D]."""
+    """q [B, H, Sq, D], k/v [B, H, Skv, D]; `masked_keys` > 0: a key-padding mask [B, 1, 1, Skv]
+    masking that many trailing keys of every sample (a padded prompt)."""
     B: int
     H: int
     Sq: int
     Skv: int
     D: int
     label: str = ""
+    masked_keys: int = 0
 
     @property
     def flops(self) -> int:
@@ -59,7 +61,8 @@ class AttentionShape:
 
     def __str__(self) -> str:
         kv = f"{self.Skv}" if self.Skv == self.Sq else f"{self.Skv} (cross)"
-        return f"B{self.B} H{self.H} S{self.Sq}/{kv} D{self.D}"
+        mask = f" mask-{self.masked_keys}" if self.masked_keys else ""
+        return f"B{self.B} H{self.H} S{self.Sq}/{kv} D{self.D}{mask}"
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,8 @@ def _sd15_attention(b):
     for s, d in ((4096, 40), (1024, 80), (256, 160)):
         out.append(AttentionShape(b, 8, s, s, d, f"sd15 self {int(s ** .5)}² hd{d}"))
         out.append(AttentionShape(b, 8, s, 77, d, f"sd15 cross hd{d}"))
+    # a 57-token prompt padded to 77 with its padding masked out (diffusers passes the mask)
+    out.append(AttentionShape(b, 8, 4096, 77, 40, "sd15 cross hd40 padded prompt", masked_keys=20))
     return out
 
 
@@ -176,7 +181,8 @@ def _sdxl_attention(b):
     return [AttentionShape(b, 10, 4096, 4096, 64, "sdxl self 64²"),
             AttentionShape(b, 10, 4096, 77, 64, "sdxl cross 64²"),
             AttentionShape(b, 20, 1024, 1024, 64, "sdxl self 32²"),
-            AttentionShape(b, 20, 1024, 77, 64, "sdxl cross 32²")]
+            AttentionShape(b, 20, 1024, 77, 64, "sdxl cross 32²"),
+            AttentionShape(b, 10, 4096, 77, 64, "sdxl cross 64² padded prompt", masked_keys=20)]
 
 
 def _cpu_attention(b):
@@ -231,7 +237,10 @@ _add(Preset(
 ))
 _add(Preset(
     "flux-1024", "FLUX.1 at 1024 px (4096 image + 512 text tokens, 24 heads × 128)", "cuda", (1, 8),
-    _attention=lambda b: [AttentionShape(b, 24, 4608, 4608, 128, "flux joint 1024px")],
+    _attention=lambda b: [AttentionShape(b, 24, 4608, 4608, 128, "flux joint 1024px"),
+                          # T5 text padded to 512: a 128-token prompt masks 384 keys
+                          AttentionShape(b, 24, 4608, 4608, 128, "flux joint 1024px padded prompt",
+                                         masked_keys=384)],
     _scheduler=lambda b: [StepShape((b, 16, 128, 128), "flow", False, "flux flow-euler")],
     _layer_norm=lambda b: [RowNormShape((b, 4608, 3072), True, "flux adaLN joint 1024px")],
     _rms_norm=lambda b: [RowNormShape((b, 24, 4608, 128), False, "flux q/k norm 1024px")],

@@ -20,9 +20,9 @@ def _sdpa_row(backend_name: Optional[str]) -> Row:
     label = "sdpa" if backend_name is None else "sdpa " + backend_name.split("_")[0].lower()
 
     def make(inp):
-        q, k, v = inp["q"], inp["k"], inp["v"]
+        q, k, v, mask = inp["q"], inp["k"], inp["v"], inp.get("mask")
         if backend_name is None:
-            fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
         else:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -32,7 +32,7 @@ def _sdpa_row(backend_name: Optional[str]) -> Row:
 
             def fn():
                 with sdpa_kernel([be]):
-                    return F.scaled_dot_product_attention(q, k, v)
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         try:
             out = fn()
         except RuntimeError as err:  # includes CUDA out-of-memory
@@ -50,17 +50,21 @@ def attention_cases(preset: str, batch: int, s: P.AttentionShape, dtype: torch.d
         q = torch.randn(s.B, s.H, s.Sq, s.D, device=device, dtype=dtype, generator=g)
         k = torch.randn(s.B, s.H, s.Skv, s.D, device=device, dtype=dtype, generator=g)
         v = torch.randn(s.B, s.H, s.Skv, s.D, device=device, dtype=dtype, generator=g)
-        return {"q": q, "k": k, "v": v}
+        mask = None
+        if s.masked_keys:  # key padding: the trailing keys of every sample masked out
+            mask = (torch.arange(s.Skv, device=device) < s.Skv - s.masked_keys).reshape(1, 1, 1, s.Skv)
+            mask = mask.expand(s.B, 1, 1, s.Skv)
+        return {"q": q, "k": k, "v": v, "mask": mask}
 
     def call(inp, b):
         import flashdiff
 
-        return lambda: flashdiff.attention(inp["q"], inp["k"], inp["v"], backend=b)
+        return lambda: flashdiff.attention(inp["q"], inp["k"], inp["v"], attn_mask=inp["mask"], backend=b)
 
-    rows = [auto_row("attention", call, lambda inp: ((inp["q"], inp["k"], inp["v"]), {}))]
+    rows = [auto_row("attention", call, lambda inp: ((inp["q"], inp["k"], inp["v"], inp["mask"]), {}))]
     for b in backends:
         def make(inp, b=b):
-            _explain_or_skip("attention", inp["q"], inp["k"], inp["v"], backend=b)
+            _explain_or_skip("attention", inp["q"], inp["k"], inp["v"], inp["mask"], backend=b)
             return call(inp, b)
         rows.append(Row(b, "flashdiff", make))
     if device == "cuda":

@@ -47,8 +47,8 @@ def _attention_inputs(s: P.AttentionShape, dtype, device, masked: bool, g):
     k = torch.randn(s.B, s.H, s.Skv, s.D, device=device, dtype=dtype, generator=g)
     v = torch.randn(s.B, s.H, s.Skv, s.D, device=device, dtype=dtype, generator=g)
     mask = None
-    if masked:  # key padding: the last ~1/8 of the keys of every sample masked out
-        keep = max(1, s.Skv - s.Skv // 8)
+    if masked:  # key padding: the shape's padded keys, else the last ~1/8 of every sample's keys
+        keep = max(1, s.Skv - (s.masked_keys or s.Skv // 8))
         mask = (torch.arange(s.Skv, device=device) < keep).reshape(1, 1, 1, s.Skv).expand(s.B, 1, 1, s.Skv)
     return {"q": q, "k": k, "v": v, "attn_mask": mask}
 
@@ -140,8 +140,8 @@ def shape_classes(op: str, quick: bool, device: str, preset_names: Optional[Sequ
             continue
         seen.add(s)
         if op == "attention":
-            out.append((str(s), lambda dt, dev, g, s=s: _attention_inputs(s, dt, dev, False, g)))
-            if not quick or b == 1:  # masks: every class in a full tune, batch 1 in a quick one
+            out.append((str(s), lambda dt, dev, g, s=s: _attention_inputs(s, dt, dev, bool(s.masked_keys), g)))
+            if not s.masked_keys and (not quick or b == 1):  # masks: every class in a full tune, batch 1 in a quick one
                 out.append((f"{s} +mask", lambda dt, dev, g, s=s: _attention_inputs(s, dt, dev, True, g)))
         elif op == "group_norm":
             out.append((str(s), lambda dt, dev, g, s=s: _norm_inputs(s, dt, dev, g)))
@@ -356,7 +356,8 @@ def _meta_inputs(op: str, s, dtype) -> dict:
     if op == "attention":
         q = torch.empty(s.B, s.H, s.Sq, s.D, dtype=dtype, device="meta")
         k = torch.empty(s.B, s.H, s.Skv, s.D, dtype=dtype, device="meta")
-        return {"q": q, "k": k, "v": k, "attn_mask": None}
+        mask = torch.empty(s.B, 1, 1, s.Skv, dtype=torch.bool, device="meta") if s.masked_keys else None
+        return {"q": q, "k": k, "v": k, "attn_mask": mask}
     if op == "group_norm":
         x = torch.empty(s.shape, dtype=dtype, device="meta")
         if s.channels_last:
