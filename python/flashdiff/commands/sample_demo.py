@@ -169,6 +169,10 @@ def sample_command(args) -> int:
 
         # not in a `finally`: after a failure, destroy would wait for peers that may be gone
         rank = dist.get_rank()
+        # every rank past its last collective before any tears down: a gloo rank destroying its
+        # groups while a peer's transport threads still talk to it aborted ("terminate called
+        # without an active exception", seen once in CI)
+        dist.barrier()
         dist.destroy_process_group()
         if rank != 0:  # every rank holds the same images: rank 0 alone writes them
             return 0
