@@ -262,3 +262,27 @@ def test_guidance_must_be_finite_and_the_table_cache_is_bounded():
         s.step(x, s.timesteps[0], x, model_output_uncond=x, guidance_scale=1.0 + 0.01 * i)
         s._step_index = None
     assert len(s._tables) <= _base._MAX_TABLES
+
+
+def test_ddim_device_timestep_is_looked_up_by_value_like_diffusers(monkeypatch):
+    """diffusers' DDIM derives ᾱ from the timestep's value. A device-tensor timestep used to be
+    ignored (a step counter decided); now its row is gathered on the device. The device path is
+    forced here on CPU tensors (no GPU in CI) by making every timestep look device-resident;
+    out-of-order timesteps (as an img2img or a custom loop passes) match diffusers' step."""
+    import diffusers
+    import torch
+
+    from flashdiff.schedulers import DDIMScheduler
+    from flashdiff.schedulers import ddim as fd_ddim
+
+    monkeypatch.setattr(fd_ddim, "_host_value", lambda t: None)
+    ours, theirs = DDIMScheduler(), diffusers.DDIMScheduler()
+    for s in (ours, theirs):
+        s.set_timesteps(20)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    for t in (ours.timesteps[7], ours.timesteps[0], torch.tensor(333), ours.timesteps[19]):  # any order, off-schedule too
+        m = torch.randn(2, 4, 8, 8, generator=g)
+        a = ours.step(m, t, x).prev_sample
+        b = theirs.step(m, t, x).prev_sample
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)

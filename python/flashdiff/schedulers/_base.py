@@ -287,16 +287,16 @@ class FusedScheduler:
         g = 1.0 if (uncond is None or tensor_g) else float(guidance_scale)
         device = sample.device
         if getattr(self.config, "thresholding", False):
-            row1 = self._rows(key, g, device, "pass1")[index]
+            row1 = _pick(self._rows(key, g, device, "pass1"), index)
             if uncond is not None and tensor_g:
                 row1 = _guided_row(row1, guidance_scale)
             eps_part, x0 = scheduler_update(sample, model_output, row1, uncond, None, None,
                                             return_x0=True, backend=self.backend)
             x0 = self._threshold_sample(x0)
-            row2 = self._rows(key, 1.0, device, "pass2")[index]
+            row2 = _pick(self._rows(key, 1.0, device, "pass2"), index)
             slot = prev_x0 if self._uses_prev_x0 else eps_part
             return scheduler_update(sample, x0, row2, None, noise, slot, return_x0=True, backend=self.backend)
-        row = self._rows(key, g, device)[index]
+        row = _pick(self._rows(key, g, device), index)
         if uncond is not None and tensor_g:
             row = _guided_row(row, guidance_scale)
         out = scheduler_update(sample, model_output, row, uncond, noise, prev_x0, return_x0=return_x0,
@@ -325,6 +325,15 @@ def make_output(cls, **values):
             OrderedDict.__setitem__(out, name, value)
         object.__setattr__(out, name, value)
     return out
+
+
+def _pick(rows, index):
+    """Row `index` of a table: a Python int picks a view (no kernel); a device tensor (a
+    timestep's position, computed on the device) gathers it on the device, so a step looked up
+    by a device timestep's value reads nothing back to the host."""
+    if isinstance(index, torch.Tensor):
+        return rows[0]._base.index_select(0, index.reshape(1).to(torch.long)).reshape(-1)
+    return rows[index]
 
 
 def _guided_row(row, guidance_scale):

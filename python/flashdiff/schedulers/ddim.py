@@ -11,6 +11,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from ._base import FusedScheduler, _host_value, make_output, pack_table, scheduler_update
 
 
+# Table key marker: one row per training timestep, for steps given a device-tensor timestep.
+# diffusers derives ᾱ from the timestep's value (a host read); gathering the row of that value on
+# the device gives the same numbers for any timestep, in order or not, without a sync.
+_BY_TIMESTEP = "by-timestep"
+
+
 class DDIMScheduler(FusedScheduler, _DiffusersDDIM):
     """diffusers.DDIMScheduler (same config, save/load, set_timesteps, outputs and numbers) with a
     fused step: guidance, x0, clip, eps and the update in one kernel.
@@ -37,7 +43,10 @@ class DDIMScheduler(FusedScheduler, _DiffusersDDIM):
         return self.alphas_cumprod[t], a_prev
 
     def _build_table(self, key):
-        if len(key) == 3:  # an off-schedule timestep (see _step): a one-row table
+        if len(key) == 3 and key[2] == _BY_TIMESTEP:  # a row for every training timestep (see _step)
+            eta, use_clipped, _ = key
+            a_t, a_prev = self._alphas_at(torch.arange(self.config.num_train_timesteps))
+        elif len(key) == 3:  # an off-schedule timestep (see _step): a one-row table
             eta, use_clipped, t = key
             a_t, a_prev = self._alphas_at(torch.tensor([t]))
         else:
@@ -83,10 +92,8 @@ class DDIMScheduler(FusedScheduler, _DiffusersDDIM):
                              "creating the scheduler")
         self._check_schedule()
         t_host = _host_value(timestep)
-        if t_host is None:  # a device tensor: the step counter decides (no sync)
-            index = self._counter_index(timestep)
-        else:  # diffusers looks ᾱ up by timestep value; so does this, off the schedule too
-            index = self._index_of.get(t_host)
+        by_value = t_host is None  # a device tensor: its value picks the row on the device (no sync)
+        index = timestep if by_value else self._index_of.get(t_host)  # diffusers looks ᾱ up by value
         eta = float(eta)
         noise = None
         if eta > 0:
@@ -96,7 +103,9 @@ class DDIMScheduler(FusedScheduler, _DiffusersDDIM):
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         key = (eta, bool(use_clipped_model_output))
-        if index is None:  # off the schedule: a one-row table of its own, cached per timestep
+        if by_value:  # a [num_train_timesteps, 12] table, built once, gathered at the timestep
+            key += (_BY_TIMESTEP,)
+        elif index is None:  # off the schedule: a one-row table of its own, cached per timestep
             key, index = key + (int(t_host),), 0
         else:
             self._step_index = index + 1
