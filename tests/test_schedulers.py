@@ -286,3 +286,30 @@ def test_ddim_device_timestep_is_looked_up_by_value_like_diffusers(monkeypatch):
         a = ours.step(m, t, x).prev_sample
         b = theirs.step(m, t, x).prev_sample
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_ddpm_device_timestep_is_found_by_value_like_diffusers(monkeypatch):
+    """As for DDIM: diffusers' DDPM finds a timestep's place in the schedule by its value; a
+    device timestep used to follow the step counter. Device path forced on CPU tensors; diffusers
+    adds no noise at t = 0, and the table's row there has a zero noise weight."""
+    import diffusers
+    import torch
+
+    from flashdiff.schedulers import DDPMScheduler
+    from flashdiff.schedulers import ddpm as fd_ddpm
+
+    monkeypatch.setattr(fd_ddpm, "_host_value", lambda t: None)
+    for variance_type in ("fixed_small", "fixed_large", "learned_range"):
+        ours, theirs = DDPMScheduler(variance_type=variance_type), diffusers.DDPMScheduler(variance_type=variance_type)
+        for s in (ours, theirs):
+            s.set_timesteps(10)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        c = 8 if variance_type.startswith("learned") else 4
+        for i in (6, 0, 9, 3):
+            t = ours.timesteps[i]
+            m = torch.randn(2, c, 8, 8, generator=g)
+            # a fresh generator per step and scheduler: the same noise where diffusers draws it
+            a = ours.step(m, t, x, generator=torch.Generator().manual_seed(100 + i)).prev_sample
+            b = theirs.step(m, t, x, generator=torch.Generator().manual_seed(100 + i)).prev_sample
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, msg=f"{variance_type} step {i}")

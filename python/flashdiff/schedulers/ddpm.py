@@ -44,6 +44,8 @@ class DDPMScheduler(FusedScheduler, _DiffusersDDPM):
         var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
         self._f32 = (a_t, a_prev, alpha, beta, var)
         self._log_range = (var.log().tolist(), beta.log().tolist())  # learned_range's min/max log variance
+        self._log_bounds = {}  # the same per device, for steps at a device-tensor timestep
+        self._timesteps_dev = {}
 
     def _build_table(self, key):
         cfg = self.config
@@ -65,6 +67,9 @@ class DDPMScheduler(FusedScheduler, _DiffusersDDPM):
         else:
             raise ValueError(f"prediction_type given as {pred} must be one of `epsilon`, `sample` or "
                              "`v_prediction`  for the DDPMScheduler.")
+        # diffusers adds no noise at t = 0 for any variance type: a zero weight there lets a step
+        # whose timestep stays on the device (position gathered there, see _step) always pass noise
+        std = torch.where(torch.from_numpy(self._host_timesteps.astype("int64")) > 0, std, torch.zeros_like(std))
         clip = cfg.clip_sample_range if (cfg.clip_sample and not cfg.thresholding) else float("inf")
         return pack_table(len(a_t), clip=clip, prev_from_x0=a_prev.sqrt() * beta / (1 - a_t),
                           prev_from_x=alpha.sqrt() * (1 - a_prev) / (1 - a_t), prev_from_noise=std, **x0)
@@ -95,12 +100,16 @@ class DDPMScheduler(FusedScheduler, _DiffusersDDPM):
         self._check_schedule()
         t_host = _host_value(timestep)
         if t_host is None:
-            index = self._counter_index(timestep)
+            # a device tensor: diffusers finds its position in the schedule by value (a host
+            # read); this finds it on the device, and the row is gathered there (no sync)
+            index = (self._timesteps_on(timestep.device) == timestep).to(torch.int32).argmax()
+            noisy = True  # the row's noise weight is 0 at t = 0
         else:
             index = self._index_of.get(t_host)
             if index is None:
                 raise ValueError(f"timestep {t_host} is not in this scheduler's timesteps")
-        self._step_index = index + 1
+            self._step_index = index + 1
+            noisy = self._host_timesteps[index] > 0
         predicted_variance = None
         if self.variance_type in _LEARNED:
             c = sample.shape[1]
@@ -108,7 +117,7 @@ class DDPMScheduler(FusedScheduler, _DiffusersDDPM):
             if model_output_uncond is not None:
                 model_output_uncond = model_output_uncond[:, :c]
         noise = None
-        if self._host_timesteps[index] > 0:
+        if noisy:
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             if predicted_variance is not None:
@@ -116,11 +125,26 @@ class DDPMScheduler(FusedScheduler, _DiffusersDDPM):
         return self._update((), index, model_output, sample, model_output_uncond, guidance_scale, noise,
                             return_x0=return_x0)
 
+    def _timesteps_on(self, device):
+        """The schedule's timesteps on `device`, copied there once per schedule."""
+        if self.timesteps.device == device:
+            return self.timesteps
+        ts = self._timesteps_dev.get(device)
+        if ts is None:
+            ts = self._timesteps_dev[device] = self.timesteps.to(device)
+        return ts
+
     def _learned_std(self, predicted_variance, index):
         """The noise scale of a learned variance, elementwise on the device (diffusers' formulas)."""
         if self.variance_type == "learned":
             return predicted_variance ** 0.5
-        min_log, max_log = self._log_range[0][index], self._log_range[1][index]
+        if isinstance(index, torch.Tensor):  # a device position: gather the bounds there
+            bounds = self._log_bounds.get(index.device)
+            if bounds is None:
+                bounds = self._log_bounds[index.device] = torch.tensor(self._log_range, device=index.device)
+            min_log, max_log = bounds[:, index].to(predicted_variance.dtype).unbind(0)
+        else:
+            min_log, max_log = self._log_range[0][index], self._log_range[1][index]
         frac = (predicted_variance + 1) / 2
         return torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
 
