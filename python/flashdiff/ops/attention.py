@@ -267,8 +267,10 @@ def _triton_v2_fwd(q, k, v, attn_mask, scale, need_lse=False):
     return module.attention_fwd_v2(q, k, v, kpm, scale, out=out)
 
 
-def _cuda_fwd(q, k, v, attn_mask, scale, need_lse=False):
-    module = _ext.load_cuda()[0]
+def _cuda_launch_args(q, k, v, attn_mask, scale):
+    """(o, lse, args, keep): the outputs allocated, the attention_fwd binding arguments
+    (docs/internals.md) shared by the cuda kernels, and the tensors their raw pointers point
+    into (contiguous copies, the uint8 mask): the caller holds `keep` across the launch."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
@@ -277,12 +279,18 @@ def _cuda_fwd(q, k, v, attn_mask, scale, need_lse=False):
     kpm = key_padding_mask(attn_mask, B, Skv)
     if kpm is not None:
         kpm = kpm.to(torch.uint8).contiguous()
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), ptr(kpm), B, H, Sq, Skv, D,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            0 if kpm is None else kpm.stride(0), float(scale), dtype_code(q), stream_of(q))
+    return o, lse, args, (q, k, v, kpm)
+
+
+def _cuda_fwd(q, k, v, attn_mask, scale, need_lse=False):
+    module = _ext.load_cuda()[0]
+    o, lse, args, keep = _cuda_launch_args(q, k, v, attn_mask, scale)
     with torch.cuda.device(q.device):
-        module.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-                             ptr(kpm), B, H, Sq, Skv, D,
-                             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                             0 if kpm is None else kpm.stride(0), float(scale), dtype_code(q),
-                             stream_of(q))
+        module.attention_fwd(*args)
+    del keep  # queued on the stream: the caching allocator reuses the memory in stream order
     return o, lse
 
 
@@ -303,17 +311,7 @@ def _cuda_cross_fwd(q, k, v, attn_mask, scale, need_lse=False):
     cross = getattr(module, "attention_fwd_cross", None)
     if cross is None:
         raise RuntimeError("this build of flashdiff._cuda has no attention_fwd_cross: rebuild it")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    B, H, Sq, D = q.shape
-    Skv = k.shape[2]
-    o = new_empty(q, (B, H, Sq, D))
-    lse = new_empty(q, (B, H, Sq), torch.float32)
-    kpm = key_padding_mask(attn_mask, B, Skv)
-    if kpm is not None:
-        kpm = kpm.to(torch.uint8).contiguous()
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), ptr(kpm), B, H, Sq, Skv, D,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            0 if kpm is None else kpm.stride(0), float(scale), dtype_code(q), stream_of(q))
+    o, lse, args, keep = _cuda_launch_args(q, k, v, attn_mask, scale)
     with torch.cuda.device(q.device):
         if not cross(*args):
             module.attention_fwd(*args)
