@@ -122,8 +122,9 @@ def _resolve(q, k, v, attn_mask=None, scale=None, backend=None, return_lse=False
 # ------------------------------------------------------------------ backends
 # Each forward is fwd(q, k, v, attn_mask, scale, need_lse=False) -> (o, lse); lse is fp32
 # [B, H, Sq] where the backend produces it (triton and cuda always do, in the kernels'
-# convention: +inf on a keyless row) or need_lse asks for it (then -inf there), else an empty
-# tensor (the backward then recomputes through torch).
+# convention: +inf on a keyless row) or need_lse asks for it (then -inf there), else None (the
+# eager path allocates nothing; the custom op returns an empty tensor and the backward then
+# recomputes through torch).
 def _no_lse(q):
     return q.new_empty((0,), dtype=torch.float32)
 
@@ -137,7 +138,7 @@ def _reference_fwd(q, k, v, attn_mask, scale, need_lse=False):
     if need_lse:
         o, lse = reference.attention_lse(q, k, v, attn_mask, scale, upcast=dt)
         return o.to(q.dtype), lse.float()
-    return reference.attention(q, k, v, attn_mask, scale, upcast=dt).to(q.dtype), _no_lse(q)
+    return reference.attention(q, k, v, attn_mask, scale, upcast=dt).to(q.dtype), None
 
 
 def _row_has_key(attn_mask):
@@ -218,7 +219,7 @@ def _torch_fwd(q, k, v, attn_mask, scale, need_lse=False):
     attention measured there (benchmarks/results/*-cpu-*)."""
     if need_lse:
         return _sdpa_with_lse(q, k, v, attn_mask, scale)
-    return _zero_rows_without_keys(_torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale), attn_mask), _no_lse(q)
+    return _zero_rows_without_keys(_torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale), attn_mask), None
 
 
 def _sdpa_variant(sdpa_backend_name: str):
@@ -244,7 +245,7 @@ def _sdpa_variant(sdpa_backend_name: str):
             return _sdpa_with_lse(q, k, v, attn_mask, scale)
         with context():
             o = _torch_sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
-        return _zero_rows_without_keys(o, attn_mask), _no_lse(q)
+        return _zero_rows_without_keys(o, attn_mask), None
 
     return fwd
 
@@ -337,6 +338,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     """(o, lse). With return_lse, lse is the API's (fp32 [B, H, Sq], -inf on keyless rows);
     without, whatever the backend's backward needs ([B, H, Sq] from triton/cuda, else empty)."""
     o, lse = _dispatch.impls[backend](q, k, v, attn_mask, scale, return_lse)
+    if lse is None:  # a backend without one (the eager path never allocates this)
+        lse = _no_lse(q)
     # the fake promises a contiguous output (SDPA may return views) and a contiguous lse
     return o.contiguous(), (_public_lse(lse) if return_lse else lse).contiguous()
 
