@@ -332,7 +332,7 @@ def test_merge_empty_rows_and_dims():
 
 
 # ------------------------------------------------------------------ torch.library
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "triton:v2"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "triton:v2", "triton:tma"])
 def test_opcheck_attention_with_lse(backend):
     require_backend("cpu", backend.split(":")[0])
     q, k, v = _qkv(1, 2, 7, 9, 40, torch.float32)

@@ -1,4 +1,6 @@
-"""Triton attention forward v2 (triton_kernels/attention_v2.py, dispatch variant "triton:v2").
+"""Triton attention forward v2 (triton_kernels/attention_v2.py): the dispatch variants
+"triton:v2" (pointer loads) and "triton:tma" (K/V through tensor descriptors; the interpreter
+emulates them, zero fill past the bounds included).
 
 Against flashdiff.reference.attention with DESIGN.md's rule (flashdiff.testing.assert_close),
 outputs poisoned with NaN first; lse against the v1 Triton forward's (the backward reads it).
@@ -19,6 +21,8 @@ from conftest import DTYPE_IDS, DTYPES, require_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V2 = "triton:v2"
+TMA = "triton:tma"
+VARIANTS = pytest.mark.parametrize("variant", [V2, TMA], ids=["ptr", "tma"])
 # the module (flashdiff.ops re-exports the function under the same name)
 ops_attention = importlib.import_module("flashdiff.ops.attention")
 
@@ -41,19 +45,22 @@ def _qkv(B, H, Sq, Skv, D, dtype, fused=False):
     return tuple(torch.randn(B, H, s, D, device=DEVICE).to(dtype) for s in (Sq, Skv, Skv))
 
 
-def _run_v2(q, k, v, mask=None, scale=None):
-    """The registered variant, with outputs NaN-poisoned (so unwritten elements fail)."""
+def _run_v2(q, k, v, mask=None, scale=None, variant=V2):
+    """The registered variant, with outputs NaN-poisoned (so unwritten elements fail). The tma
+    variant must have taken the descriptor path (it falls back silently otherwise)."""
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if variant == TMA:
+        assert _kernels()[0].tma_usable(q, k, v), "these inputs would not exercise the descriptors"
     with poisoned_outputs():
-        return ops_attention._dispatch.impls[V2](q, k, v, mask, s)
+        return ops_attention._dispatch.impls[variant](q, k, v, mask, s)
 
 
-def _check(q, k, v, mask=None, scale=None, label=""):
-    o, lse = _run_v2(q, k, v, mask, scale)
+def _check(q, k, v, mask=None, scale=None, label="", variant=V2):
+    o, lse = _run_v2(q, k, v, mask, scale, variant)
     ref = reference.attention(q, k, v, mask, scale, upcast=True)
     ref_d = reference.attention(q, k, v, mask, scale, upcast=False)
     assert o.shape == q.shape and o.dtype == q.dtype and o.is_contiguous()
-    assert_close(o, ref, ref_d, f"v2 {q.dtype} {tuple(q.shape)} Skv {k.shape[2]} {label}")
+    assert_close(o, ref, ref_d, f"{variant} {q.dtype} {tuple(q.shape)} Skv {k.shape[2]} {label}")
     # lse: the same convention as the v1 forward (attention_bwd reads it): natural log, fp32,
     # +inf for rows without keys. Both compute it in fp32 from the same scores.
     v2mod, v1mod = _kernels()
@@ -88,51 +95,57 @@ def test_head_dim_pieces():
     (160, (2, 1, 33, 31)), (32, (1, 2, 40, 1)), (64, (1, 2, 64, 65)), (128, (1, 1, 16, 24)),
     (112, (1, 1, 9, 33)),
 ], ids=lambda x: f"hd{x}" if isinstance(x, int) else "B{}H{}Sq{}Skv{}".format(*x))
-def test_forward(D, shape, dtype):
+@VARIANTS
+def test_forward(D, shape, dtype, variant):
     q, k, v = _qkv(*shape, D, dtype)
-    _check(q, k, v)
+    _check(q, k, v, variant=variant)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_key_padding_mask_with_fully_masked_row(dtype):
+@VARIANTS
+def test_key_padding_mask_with_fully_masked_row(dtype, variant):
     """Batch 0 keeps 20 of 45 keys (a block boundary inside the kept part), batch 1 none:
     its output is 0 and its lse +inf."""
     q, k, v = _qkv(2, 2, 19, 45, 72, dtype)
     mask = torch.zeros(2, 1, 1, 45, dtype=torch.bool, device=DEVICE)
     mask[0, ..., :20] = True
     mask[0, ..., 40] = True  # a kept key in the tail block
-    o, lse = _check(q, k, v, mask, label="key-padding")
+    o, lse = _check(q, k, v, mask, label="key-padding", variant=variant)
     assert torch.all(o[1] == 0) and torch.all(lse[1] == float("inf"))
 
 
-def test_mask_only_in_full_blocks():
+@VARIANTS
+def test_mask_only_in_full_blocks(variant):
     """Skv a multiple of the block (no tail): the mask is applied in the unpeeled loop too."""
     q, k, v = _qkv(2, 1, 33, 64, 40, torch.float32)
     mask = torch.rand(2, 1, 1, 64, device=DEVICE) > 0.5
     mask[:, ..., 0] = True
     mask[1, ..., :32] = False  # the whole first block of batch 1 masked: running max stays -inf
     mask[1, ..., 50] = True
-    _check(q, k, v, mask, label="mask-no-tail")
+    _check(q, k, v, mask, label="mask-no-tail", variant=variant)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_fused_qkv_views(dtype):
+@VARIANTS
+def test_fused_qkv_views(dtype, variant):
     q, k, v = _qkv(2, 3, 33, 33, 40, dtype, fused=True)
     assert not q.is_contiguous() and q.stride(2) == 3 * 3 * 40
-    _check(q, k, v, label="fused-qkv")
+    _check(q, k, v, label="fused-qkv", variant=variant)
 
 
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 2.0])
-def test_scales(scale):
+@VARIANTS
+def test_scales(scale, variant):
     """Negative scale (the max is taken of −s), zero (uniform weights; masked keys still
     dropped) and a large one."""
     q, k, v = _qkv(1, 2, 17, 40, 80, torch.float32)
     mask = torch.ones(1, 1, 1, 40, dtype=torch.bool, device=DEVICE)
     mask[..., 3:9] = False
-    _check(q, k, v, mask, scale=scale, label=f"scale {scale}")
+    _check(q, k, v, mask, scale=scale, label=f"scale {scale}", variant=variant)
 
 
-def test_grid_split_by_batch(monkeypatch):
+@VARIANTS
+def test_grid_split_by_batch(monkeypatch, variant):
     """A grid past the launch limit is split by batch; the result is unchanged."""
     v2mod, _ = _kernels()
     monkeypatch.setattr(v2mod, "_GRID_MAX", 5)  # ⌈Sq/16⌉·H = 4 programs per batch: one batch per launch
@@ -140,7 +153,7 @@ def test_grid_split_by_batch(monkeypatch):
     mask = torch.rand(3, 1, 1, 33, device=DEVICE) > 0.3
     mask[..., 0] = True
     mask[1] = False
-    _check(q, k, v, mask, label="split")
+    _check(q, k, v, mask, label="split", variant=variant)
 
 
 def test_empty_and_keyless():
@@ -152,18 +165,91 @@ def test_empty_and_keyless():
     assert o.shape == (1, 2, 0, 40)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@VARIANTS
+def test_nan_neighbours_are_never_read(dtype, variant):
+    """K/V are views into larger buffers whose rows past Skv and columns past D hold NaN: the
+    tail block and the padded head-dim piece must not let them in (the pointer path clamps, the
+    descriptor path relies on TMA's zero fill at the view's bounds)."""
+    D, Skv = 40, 45  # pieces 32+16 (columns 40..47 are padding), one block and a tail of 13
+    big = [torch.full((2, 2, Skv + 19, D + 8), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2)]
+    for b in big:
+        b[:, :, :Skv, :D] = torch.randn(2, 2, Skv, D, device=DEVICE).to(dtype)
+    k, v = (b[:, :, :Skv, :D] for b in big)
+    q = torch.randn(2, 2, 21, D, device=DEVICE).to(dtype)
+    mask = torch.ones(2, 1, 1, Skv, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., 30:] = False
+    _check(q, k, v, None, label="nan neighbours", variant=variant)
+    _check(q, k, v, mask, label="nan neighbours, masked", variant=variant)
+
+
+# ---------------------------------------------------------------- the descriptor path
+def test_tma_takes_its_own_config_key(monkeypatch):
+    """The descriptor path tunes under "fwd_tma:..." (its best tiles and stages may differ)."""
+    v2mod, v1mod = _kernels()
+    monkeypatch.setattr(v1mod, "_TABLE", {})
+    monkeypatch.delenv("FLASHDIFF_AUTOTUNE", raising=False)
+    q, k, v = _qkv(1, 1, 9, 10, 40, torch.float32)
+    _run_v2(q, k, v, variant=TMA)
+    assert list(v1mod.tuned_configs()) == [v2mod.config_key_v2(q, k, tma=True)]
+    assert v2mod.config_key_v2(q, k, tma=True).startswith("fwd_tma:")
+
+
+def test_tma_broadcast_and_size_one_dims():
+    """K/V expanded over the batch (stride 0): TMA cannot address them, the pointer path runs in
+    the same call. Size-1 dims with odd strides are addressable (their stride is never used)."""
+    v2mod, _ = _kernels()
+    q = torch.randn(2, 2, 9, 40, device=DEVICE)
+    kv = torch.randn(1, 2, 33, 40, device=DEVICE)
+    k, v = kv.expand(2, -1, -1, -1), (kv * 2).expand(2, -1, -1, -1)
+    assert not v2mod.tma_usable(q, k, v)
+    o, _ = ops_attention._dispatch.impls[TMA](q, k, v, None, 0.2)
+    assert_close(o, reference.attention(q, k, v, None, 0.2, upcast=True),
+                 reference.attention(q, k, v, None, 0.2, upcast=False), "tma, broadcast K/V")
+    one = torch.randn(1, 1, 40, 40, device=DEVICE).as_strided((1, 1, 40, 40), (7, 3, 40, 1))
+    assert v2mod.tma_usable(q, one, one)
+
+
+def test_tma_rejects_what_it_cannot_address():
+    """The descriptor's rules: unit last stride, 16-byte multiple strides and base, 16-byte rows."""
+    v2mod, _ = _kernels()
+    q = torch.randn(1, 2, 8, 40, device=DEVICE)
+    ok = torch.randn(1, 2, 8, 40, device=DEVICE, dtype=torch.float16)
+    assert v2mod.tma_usable(q, ok, ok)
+    odd_rows = torch.randn(1, 2, 8, 36, device=DEVICE, dtype=torch.float16)  # 72-byte rows
+    assert not v2mod.tma_usable(q, odd_rows, odd_rows)
+    transposed = ok.transpose(2, 3)  # last dim not contiguous
+    assert not v2mod.tma_usable(q, transposed, transposed)
+    shifted = torch.randn(1 * 2 * 8 * 40 + 1, device=DEVICE, dtype=torch.float16)[1:].view(1, 2, 8, 40)
+    assert not v2mod.tma_usable(q, shifted, shifted)  # base 2 bytes past an aligned address
+    narrow = torch.randn(1, 2, 8, 4, device=DEVICE, dtype=torch.float16)  # 8-byte rows
+    assert not v2mod.tma_usable(q, narrow, narrow)
+
+
+@pytest.mark.parametrize("D", [36, 40])
+def test_tma_variant_falls_back_where_it_must(D):
+    """fp16 head dim 36 (72-byte rows) runs the pointer path under the tma variant; 40 does not."""
+    v2mod, _ = _kernels()
+    q, k, v = _qkv(1, 2, 20, 33, D, torch.float16)
+    assert v2mod.tma_usable(q, k, v) == (D == 40)
+    o, _ = ops_attention._dispatch.impls[TMA](q, k, v, None, 1.0 / math.sqrt(D))
+    assert_close(o, reference.attention(q, k, v, upcast=True), reference.attention(q, k, v, upcast=False),
+                 f"tma variant hd{D}")
+
+
 # ---------------------------------------------------------------- backward through the custom op
-def test_backward_through_custom_op():
-    """The op runs with backend "triton:v2" (as auto passes choice.impl); its lse feeds the v1
-    Triton backward."""
+@VARIANTS
+def test_backward_through_custom_op(variant):
+    """The op runs with backend "triton:v2" / "triton:tma" (as auto passes choice.impl); its lse
+    feeds the v1 Triton backward."""
     dtype = torch.float32
     q, k, v = _qkv(1, 2, 23, 33, 40, dtype)
     mask = torch.ones(1, 1, 1, 33, dtype=torch.bool, device=DEVICE)
     mask[..., -5:] = False
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    o, lse = ops_attention._attention_op(*leaves, mask, 1.0 / math.sqrt(40), V2)
+    o, lse = ops_attention._attention_op(*leaves, mask, 1.0 / math.sqrt(40), variant)
     assert lse.shape == q.shape[:3]
-    assert_attention_grads(o, leaves, mask, V2)
+    assert_attention_grads(o, leaves, mask, variant)
 
 
 def test_fake_matches_real_lse_shape():
@@ -206,6 +292,6 @@ def test_tuned_v2_configs_share_the_table(monkeypatch):
 
 def test_registered_as_variant_only():
     """An explicit backend="triton" keeps the v1 kernel; the variant is a table choice."""
-    assert V2 in ops_attention._dispatch.impls
+    assert V2 in ops_attention._dispatch.impls and TMA in ops_attention._dispatch.impls
     q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32)
     assert flashdiff.explain("attention", q, k, v, backend="triton").impl == "triton"

@@ -7,6 +7,9 @@ ships ptxas), and checks:
   * it compiles (a config that fails here would fail on the first H100/H200 launch);
   * the PTX uses wgmma where Hopper's warpgroup MMA is expected: fp16/bf16 dots whose tile has
     ≥ 64 rows (M of the dot: BLOCK_M for fwd/dq, BLOCK_N for dkdv) with 4 or 8 warps;
+  * the PTX uses TMA (cp.async.bulk.tensor) exactly where the config says so: the descriptor
+    path of v2 ("fwd_tma", the dispatch variant "triton:tma"), with mbarrier waits (pipelined);
+    the pointer path has none;
   * registers and stack bytes (spills land there), read from the cubin with cuobjdump
     (Triton's own n_regs/n_spills are filled only when a driver loads the binary); printed as
     a table (`pytest -s`), not asserted.
@@ -47,10 +50,11 @@ _F32_PTRS = {"LSE", "DELTA", "L0", "L1", "L2", "L3", "LSE_OUT"}
 _UNIT_STRIDES = re.compile(r"^(stride_\w*d|stride_mn|s\dd)$")  # last-dim strides: 1 at run time
 
 
-def _compile(jit_fn, dtype, constexprs, num_warps, num_stages, aligned_rows):
+def _compile(jit_fn, dtype, constexprs, num_warps, num_stages, aligned_rows, descs=None):
     """triton.compile of one specialisation for sm_90, like a launch with contiguous inputs
     (16-byte aligned pointers, last-dim strides 1, row strides divisible by 16 where
-    aligned_rows). Returns (ptx, cubin bytes, shared bytes)."""
+    aligned_rows); descs = {argument name: block shape} for host tensor-descriptor arguments.
+    Returns (ptx, cubin bytes, shared bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -60,6 +64,8 @@ def _compile(jit_fn, dtype, constexprs, num_warps, num_stages, aligned_rows):
     for i, name in enumerate(jit_fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
+        elif descs and name in descs:
+            sig[name] = f"tensordesc<{elem}[{','.join(map(str, descs[name]))}]>"
         elif name in _DATA_PTRS:
             sig[name] = f"*{elem}"
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -133,12 +139,21 @@ def _cases(full):
         for d in HEAD_DIMS:
             pieces = attention_v2.head_dim_pieces(d)
             dp = sum(pieces)
-            cfg = cands[attention._tier(triton_next_pow2(dp), tdt)][0]
-            consts = dict(HEAD_D=d, D0=pieces[0], D1=pieces[1], D2=pieces[2], BLOCK_D=dp, NEG_SCALE=False,
-                          HAS_MASK=True, DOT_F32=False, PRECISION=attention._precision(tdt),
-                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TAIL_N=True)
-            cases.append(dict(label=f"v2 fwd hd{d}", dtype=dtype, fn=attention_v2._attention_fwd_v2_kernel.fn,
-                              consts=consts, cfg=cfg, rows=cfg["BLOCK_M"], aligned=d % 16 == 0))
+            for op, tma in ((attention_v2.OP, False), (attention_v2.OP_TMA, True)):
+                cfg = attention.default_config(op, tdt, dp)
+                consts = dict(HEAD_D=d, D0=pieces[0], D1=pieces[1], D2=pieces[2], BLOCK_D=dp, NEG_SCALE=False,
+                              HAS_MASK=True, DOT_F32=False, PRECISION=attention._precision(tdt),
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TAIL_N=True, USE_DESC=tma)
+                descs = {}
+                for j, p in enumerate(pieces):  # absent pieces, and every piece of the pointer path: None
+                    for t in "QKVO":
+                        if tma and p:
+                            descs[f"{t}D{j}"] = [1, 1, cfg["BLOCK_N" if t in "KV" else "BLOCK_M"], p]
+                        else:
+                            consts[f"{t}D{j}"] = None
+                cases.append(dict(label=f"v2{'tma' if tma else ''} fwd hd{d}", dtype=dtype,
+                                  fn=attention_v2._attention_fwd_v2_kernel.fn, consts=consts, cfg=cfg,
+                                  rows=cfg["BLOCK_M"], aligned=d % 16 == 0, descs=descs, tma=tma))
     if full:
         cases.append(dict(label="merge n4 d128", dtype="bfloat16", fn=merge_attention._merge_attention_kernel,
                           consts=dict(N=4, BLOCK_R=32, BLOCK_D=128), cfg=dict(num_warps=4, num_stages=1),
@@ -154,7 +169,7 @@ def _run_case(case):
     cfg = case["cfg"]
     try:
         ptx, cubin, shared = _compile(case["fn"], case["dtype"], case["consts"], cfg["num_warps"],
-                                      cfg["num_stages"], case["aligned"])
+                                      cfg["num_stages"], case["aligned"], case.get("descs"))
     except Exception as err:  # reported, and the test fails on it
         return dict(label=case["label"], dtype=case["dtype"], error=f"{type(err).__name__}: {err}"[:400])
     regs, spill = _resources(cubin)
@@ -162,7 +177,9 @@ def _run_case(case):
     return dict(label=case["label"], dtype=case["dtype"], error=None,
                 config=[cfg.get("BLOCK_M"), cfg.get("BLOCK_N"), cfg["num_warps"], cfg["num_stages"]],
                 wgmma="wgmma" in ptx, expect_wgmma=half and case["rows"] >= 64 and cfg["num_warps"] in (4, 8),
-                cp_async="cp.async" in ptx, regs=regs, spill=spill, shared=shared)
+                cp_async="cp.async" in ptx, regs=regs, spill=spill, shared=shared,
+                tma=ptx.count("cp.async.bulk.tensor"), mbarrier_waits=len(re.findall(r"mbarrier\.try_wait", ptx)),
+                expect_tma=bool(case.get("tma")))
 
 
 def _run_case_by_index(args):  # picklable entry for the pool (cases hold functions)
@@ -178,13 +195,15 @@ def worker_main(full):
 
 
 def format_table(results):
-    lines = [f"{'kernel':<16} {'dtype':<9} {'BM,BN,w,s':<14} {'wgmma':<9} {'regs':>5} {'stack B':>8} {'smem B':>7}"]
+    lines = [f"{'kernel':<17} {'dtype':<9} {'BM,BN,w,s':<14} {'wgmma':<9} {'tma':>4} {'regs':>5} {'stack B':>8} "
+             f"{'smem B':>7}"]
     for r in results:
         if r["error"]:
-            lines.append(f"{r['label']:<16} {r['dtype']:<9} ERROR {r['error']}")
+            lines.append(f"{r['label']:<17} {r['dtype']:<9} ERROR {r['error']}")
             continue
         wg = ("yes" if r["wgmma"] else "no") + ("" if r["wgmma"] == r["expect_wgmma"] else " (!)")
-        lines.append(f"{r['label']:<16} {r['dtype']:<9} {','.join(map(str, r['config'])):<14} {wg:<9} "
+        lines.append(f"{r['label']:<17} {r['dtype']:<9} {','.join(map(str, r['config'])):<14} {wg:<9} "
+                     f"{r.get('tma', 0):>4} "
                      f"{r['regs'] if r['regs'] is not None else '?':>5} {r['spill'] if r['spill'] is not None else '?':>8} "
                      f"{r['shared'] if r['shared'] is not None else '?':>7}")
     return "\n".join(lines)
@@ -211,6 +230,10 @@ def _sweep(full):
     assert not failed, "configs that do not compile for sm_90:\n" + format_table(failed)
     wrong = [r for r in results if r["expect_wgmma"] and not r["wgmma"]]
     assert not wrong, "no wgmma where a >= 64-row fp16/bf16 tile should use it:\n" + format_table(wrong)
+    # TMA where the config asks for descriptors (and pipelined: mbarrier waits), none elsewhere
+    wrong = [r for r in results if bool(r.get("tma")) != r.get("expect_tma", False)
+             or (r.get("expect_tma") and not r.get("mbarrier_waits"))]
+    assert not wrong, "TMA copies where none are expected, or missing where the config asks:\n" + format_table(wrong)
     return results
 
 

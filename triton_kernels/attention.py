@@ -464,8 +464,9 @@ def _time_config(launch) -> float:
 
 
 def _launch(kernel, grid, args, meta, cfg) -> None:
-    """One launch of kernel with config cfg; grid(cfg) gives the launch grid."""
-    kernel[grid(cfg)](*args, **meta, **cfg)
+    """One launch of kernel with config cfg; grid(cfg) gives the launch grid. args is the
+    argument tuple, or a function of cfg returning it (tensor descriptors carry block shapes)."""
+    kernel[grid(cfg)](*(args(cfg) if callable(args) else args), **meta, **cfg)
 
 
 def _run(op, kernel, grid, args, meta, dtype, sq, skv) -> None:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import presets as P
-from .core import DTYPE_NAME, EPS, Case, Row, Skip, _Compiler, _explain_or_skip, _first_line, _sanity_tol, auto_row
+from .core import (DTYPE_NAME, EPS, Case, Row, Skip, _Compiler, _explain_or_skip, _first_line, _sanity_tol, auto_row,
+                   with_variants)
 
 # ---- attention
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
@@ -62,7 +63,7 @@ def attention_cases(preset: str, batch: int, s: P.AttentionShape, dtype: torch.d
         return lambda: flashdiff.attention(inp["q"], inp["k"], inp["v"], attn_mask=inp["mask"], backend=b)
 
     rows = [auto_row("attention", call, lambda inp: ((inp["q"], inp["k"], inp["v"], inp["mask"]), {}))]
-    for b in backends:
+    for b in with_variants("attention", backends):
         def make(inp, b=b):
             _explain_or_skip("attention", inp["q"], inp["k"], inp["v"], inp["mask"], backend=b)
             return call(inp, b)
@@ -149,7 +150,7 @@ def _norm_rows(op: str, call, explain_args, backends: Sequence[str], make_eager,
     others are checked against), torch.compile of `compiled_fn(inp)` (x -> y) when compiling
     is on, and a copy of x (same bytes read and written: the memory-bound ceiling)."""
     rows = [auto_row(op, call, explain_args)]
-    for be in backends:
+    for be in with_variants(op, backends):
         def make(inp, be=be):
             args, kwargs = explain_args(inp)
             _explain_or_skip(op, *args, **kwargs, backend=be)
@@ -342,7 +343,7 @@ def scheduler_cases(preset: str, batch: int, s: P.StepShape, dtype: torch.dtype,
         return lambda: flashdiff.scheduler_update(x, c, coefs, u, backend=be)
 
     rows = [auto_row("scheduler_update", call, step_args)]
-    for be in backends:
+    for be in with_variants("scheduler_update", backends):
         def make(inp, be=be):
             _explain_or_skip("scheduler_update", *step_args(inp)[0], backend=be)
             return call(inp, be)

@@ -91,6 +91,22 @@ def flashdiff_backends(device: str, wanted: Optional[Sequence[str]] = None) -> L
     return [b for b in names if status.get(b) is None and (b in native or b == "reference")]
 
 
+def with_variants(op: str, backends: Sequence[str]) -> List[str]:
+    """backends, each followed by the op's registered variants of it ("triton:v2", "triton:tma",
+    "cuda:cross", "cuda:onepass", ...): a GPU run times every kernel flashdiff ships, since auto
+    may pick any of them and the bars judge the fastest. torch variants are not added: the cases
+    time torch's own choices as baselines."""
+    from ..backends import REGISTRY
+
+    impls = REGISTRY[op][0].impls if op in REGISTRY else {}
+    out = []
+    for b in backends:
+        out.append(b)
+        if b != "torch" and ":" not in b:
+            out += sorted(name for name in impls if name.split(":")[0] == b and ":" in name and name not in backends)
+    return out
+
+
 def _sanity_tol(dtype: torch.dtype) -> float:
     return 1e-3 if dtype == torch.float32 else 5e-2
 

@@ -268,6 +268,17 @@ def _triton_v2_fwd(q, k, v, attn_mask, scale, need_lse=False):
     return module.attention_fwd_v2(q, k, v, kpm, scale, out=out)
 
 
+def _triton_tma_fwd(q, k, v, attn_mask, scale, need_lse=False):
+    """Variant "triton:tma": the v2 forward with K/V loaded through tensor descriptors (TMA on
+    sm_90+; triton_kernels/attention_v2.py). Inputs TMA cannot address (16-byte alignment, a GPU
+    before sm_90) run the pointer path in the same call. A table choice only, as "triton:v2"."""
+    B, H, Sq, _ = q.shape
+    kpm = key_padding_mask(attn_mask, B, k.shape[2])
+    out = (new_empty(q, (B, H, Sq, v.shape[-1])), new_empty(q, (B, H, Sq), torch.float32))
+    module = importlib.import_module(_ext.load_triton()[0].__name__ + ".attention_v2")
+    return module.attention_fwd_v2(q, k, v, kpm, scale, out=out, tma=True)
+
+
 def _cuda_launch_args(q, k, v, attn_mask, scale):
     """(o, lse, args, keep): the outputs allocated, the attention_fwd binding arguments
     (docs/internals.md) shared by the cuda kernels, and the tensors their raw pointers point
@@ -326,6 +337,7 @@ for _variant, _sdpa_name in SDPA_VARIANTS.items():
     _dispatch.register_variant("torch", _variant, _sdpa_variant(_sdpa_name))
 _dispatch.register("triton", _triton_fwd, _triton_supports)
 _dispatch.register_variant("triton", "v2", _triton_v2_fwd)
+_dispatch.register_variant("triton", "tma", _triton_tma_fwd)
 _dispatch.register("cuda", _cuda_fwd, _cuda_supports)
 _dispatch.register_variant("cuda", "cross", _cuda_cross_fwd)
 register_op(_dispatch, _resolve)
