@@ -1,9 +1,11 @@
 """Config selection of the Triton attention kernels (flashdiff.triton_kernels.attention).
 
-What is checked: the config key (op, dtype, head-dim bucket, mask, Sq / Skv buckets); one tuning
-per key, so a new sequence length in a known bucket is not re-tuned; no tuning during CUDA-graph
-capture, torch.compile tracing or with FLASHDIFF_AUTOTUNE=0 (the heuristic default is used);
-seeded configs are used as they are; the table round-trips through JSON. Timing is replaced by
+What is checked: the config key (op, dtype, head-dim bucket, mask, Sq / Skv buckets); no timing
+on a user's call by default (the nearest tuned key's config, else the heuristic default); tuning
+inside `tuning()` (flashdiff tune, the benchmarks) or with FLASHDIFF_AUTOTUNE=1, once per key, so
+a new sequence length in a known bucket is not re-tuned; no tuning during CUDA-graph capture,
+torch.compile tracing or with FLASHDIFF_AUTOTUNE=0; seeded configs are used as they are; the
+table round-trips through JSON. Timing is replaced by
 a counting fake (under the interpreter nothing is timed anyway), and every output is still
 compared with flashdiff.reference.attention. Runs on a GPU too, where launches are compiled.
 """
@@ -42,7 +44,7 @@ def table(monkeypatch):
     """An empty config table for each test, autotuning allowed unless a test says otherwise."""
     fresh = {}
     monkeypatch.setattr(tk_attention, "_TABLE", fresh)
-    monkeypatch.delenv("FLASHDIFF_AUTOTUNE", raising=False)
+    monkeypatch.setenv("FLASHDIFF_AUTOTUNE", "1")
     return fresh
 
 
@@ -193,6 +195,48 @@ def test_attention_no_tuning_when_not_allowed(block, table, timings, launched):
     assert tk_attention.autotune_allowed()
     _fwd_checked(q, k, v)
     assert len(timings) == _n_candidates() and list(table) == [tk_attention.config_key(q, k)]
+
+
+def test_attention_user_calls_never_time_by_default(table, timings, launched, monkeypatch):
+    """No FLASHDIFF_AUTOTUNE and no tuning(): nothing is timed or recorded (a first call must not
+    stall for seconds); inside tuning() the key is tuned; FLASHDIFF_AUTOTUNE=0 wins over it."""
+    monkeypatch.delenv("FLASHDIFF_AUTOTUNE")
+    q, k, v, _ = _inputs(20, 24)
+    assert not tk_attention.autotune_allowed()
+    _fwd_checked(q, k, v)
+    assert timings == [] and table == {} and launched == [tk_attention.default_config("fwd", q.dtype, D)]
+    with tk_attention.tuning():
+        assert tk_attention.autotune_allowed()
+        monkeypatch.setenv("FLASHDIFF_AUTOTUNE", "0")
+        assert not tk_attention.autotune_allowed()
+        monkeypatch.delenv("FLASHDIFF_AUTOTUNE")
+        _fwd_checked(q, k, v)
+    assert len(timings) == _n_candidates() and list(table) == [tk_attention.config_key(q, k)]
+    assert not tk_attention.autotune_allowed()
+
+
+def test_attention_untuned_key_takes_the_nearest_tuned_config(table, timings, launched, monkeypatch):
+    """A key missing from the table uses the config of the tuned key with the same op, dtype,
+    head-dim bucket and mask whose Sq/Skv buckets are closest; another mask or head dim never."""
+    monkeypatch.delenv("FLASHDIFF_AUTOTUNE")
+    near, far, masked = tk_attention._cfg(16, 16, 4, 1), tk_attention._cfg(32, 16, 4, 1), tk_attention._cfg(16, 32, 4, 1)
+    tk_attention.load_tuned_configs({
+        "fwd:float32:d32:nomask:q128:kv64": near,
+        "fwd:float32:d32:nomask:q1024:kv64": far,
+        "fwd:float32:d32:mask:q256:kv64": masked,
+        "fwd:float32:d64:nomask:q256:kv64": tk_attention._cfg(32, 32, 4, 1),
+    })
+    q, k, v, mask = _inputs(200, 24, masked=True)  # q256: one step from q128, two from q1024
+    _fwd_checked(q, k, v)
+    _fwd_checked(q, k, v, mask)
+    assert launched == [near, masked] and timings == []
+    assert tk_attention.config_key(q, k) not in tk_attention.tuned_configs()  # not recorded
+    tk_attention.load_tuned_configs({"fwd:float32:d32:nomask:q256:kv64": far})  # the memo follows the table
+    _fwd_checked(q, k, v)
+    assert launched[-1] == far
+    q, k, v, _ = _inputs(20, 24, d=16)  # head dim 16: no tuned key of its bucket
+    _fwd_checked(q, k, v)
+    assert launched[-1] == tk_attention.default_config("fwd", q.dtype, 16)
 
 
 # ---------------------------------------------------------------- the table API

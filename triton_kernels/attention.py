@@ -20,11 +20,15 @@ Numerics
 Configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel ("fwd", "dkdv", "dq") come from a
 table keyed by `config_key`: op, dtype, head-dim bucket (BLOCK_D), mask present or not, and Sq /
 Skv bucketed to powers of two (64..16384), so a new sequence length in a known bucket reuses its
-config. A key missing from the table is tuned once (2-3 candidates compiled and timed: a
-second or more on a cold Triton cache) only when `autotune_allowed()`: never inside CUDA-graph capture or torch.compile tracing, and
-not with FLASHDIFF_AUTOTUNE=0; otherwise the launch uses `default_config` (no timing). Ship or
-cache a table with `tuned_configs()` / `load_tuned_configs()` to keep tuning off the hot path.
-Under the interpreter nothing is timed: "tuning" records the one small interpreter config.
+config. The table is filled by `flashdiff tune` (stored in the dispatch table, seeded when it
+loads; `tuned_configs()` / `load_tuned_configs()`). A key missing from it takes the config of
+the nearest tuned key (same op, dtype, head-dim bucket and mask; closest Sq/Skv buckets), else
+`default_config`: nothing is timed on a user's call. Timing a key (its candidates compiled and
+timed: 5.8-9.7 s per key on a cold Triton cache, measured on an H200) happens only where
+`autotune_allowed()`: inside `tuning()` (what `flashdiff tune` and the benchmarks use) or with
+FLASHDIFF_AUTOTUNE=1, and never inside CUDA-graph capture or torch.compile tracing;
+FLASHDIFF_AUTOTUNE=0 turns it off everywhere. Under the interpreter nothing is timed: "tuning"
+records the one small interpreter config.
 
 Layout: q [B, H, Sq, D], k/v [B, H, Skv, D] with arbitrary strides (e.g. views of a fused qkv
 [B, S, 3, H, D]); all four strides are passed, nothing is copied. head_dim 16..256; a head_dim
@@ -34,6 +38,7 @@ dtype, lse fp32 [B, H, Sq] (natural log).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -46,7 +51,7 @@ from triton.testing import do_bench
 from ._utils import INTERPRET, dot_upcast
 
 __all__ = ["attention_fwd", "attention_bwd", "config_key", "tuned_configs", "load_tuned_configs",
-           "default_config", "autotune_allowed"]
+           "default_config", "autotune_allowed", "tuning"]
 
 _LOG2E = 1.4426950408889634
 
@@ -439,12 +444,56 @@ def _capturing() -> bool:
         return False
 
 
+_TUNING = [0]  # depth of nested tuning() contexts
+
+
+@contextlib.contextmanager
+def tuning():
+    """Within this context a key without a config is tuned on its first launch (flashdiff tune
+    and the benchmarks time kernels here; a user's call never waits for tuning)."""
+    _TUNING[0] += 1
+    try:
+        yield
+    finally:
+        _TUNING[0] -= 1
+
+
 def autotune_allowed() -> bool:
-    """Whether a key without a config may be tuned now: never during CUDA-graph capture (timing
-    synchronises, which capture forbids), never while torch.compile traces, and not when the
-    environment sets FLASHDIFF_AUTOTUNE=0 (then every such key uses its heuristic default)."""
-    return (os.environ.get("FLASHDIFF_AUTOTUNE", "1") != "0"
-            and not torch.compiler.is_compiling() and not _capturing())
+    """Whether a key without a config may be tuned now: inside tuning() or with
+    FLASHDIFF_AUTOTUNE=1, unless FLASHDIFF_AUTOTUNE=0; never during CUDA-graph capture (timing
+    synchronises, which capture forbids) nor while torch.compile traces."""
+    env = os.environ.get("FLASHDIFF_AUTOTUNE")
+    wanted = env == "1" or (env != "0" and _TUNING[0] > 0)
+    return wanted and not torch.compiler.is_compiling() and not _capturing()
+
+
+_NEAREST: dict = {}  # key -> nearest tuned config (memo; dropped whenever _TABLE changes)
+_NEAREST_STAMP: list = [None]
+
+
+def _nearest_tuned(key: str):
+    """The config of the tuned key nearest to `key`: same op, dtype, head-dim bucket and mask,
+    the smallest sum of log2 distances of the Sq and Skv buckets (ties: the larger buckets,
+    whose tiles are the safer guess for long sequences); None when no such key is tuned."""
+    stamp = (id(_TABLE), len(_TABLE))
+    if _NEAREST_STAMP[0] != stamp:
+        _NEAREST.clear()
+        _NEAREST_STAMP[0] = stamp
+    if key in _NEAREST:
+        return _NEAREST[key]
+    prefix, q, kv = key.rsplit(":", 2)
+    lq, lkv = math.log2(int(q[1:])), math.log2(int(kv[2:]))
+    best, best_rank = None, None
+    for other, cfg in _TABLE.items():
+        o_prefix, o_q, o_kv = other.rsplit(":", 2)
+        if o_prefix != prefix:
+            continue
+        oq, okv = math.log2(int(o_q[1:])), math.log2(int(o_kv[2:]))
+        rank = (abs(oq - lq) + abs(okv - lkv), -(oq + okv))
+        if best_rank is None or rank < best_rank:
+            best, best_rank = cfg, rank
+    _NEAREST[key] = best
+    return best
 
 
 # Failures that mean "this config does not fit this GPU", as Triton's own autotuner skips them.
@@ -471,8 +520,8 @@ def _launch(kernel, grid, args, meta, cfg) -> None:
 
 def _run(op, kernel, grid, args, meta, dtype, sq, skv) -> None:
     """Launch op's kernel with the config of its key: the table's; else tune the key once when
-    allowed (recorded); else the heuristic default (not recorded: a later eager call can still
-    tune it). meta holds the constexpr flags, BLOCK_D and HAS_MASK among them."""
+    allowed (recorded); else the nearest tuned key's config, else the heuristic default (neither
+    recorded). meta holds the constexpr flags, BLOCK_D and HAS_MASK among them."""
     block_d = meta["BLOCK_D"]
     key = _key(op, dtype, block_d, meta["HAS_MASK"], sq, skv)
     cfg = _TABLE.get(key)
@@ -485,7 +534,7 @@ def _run(op, kernel, grid, args, meta, dtype, sq, skv) -> None:
                 raise RuntimeError(f"attention {key}: no candidate config fits this GPU: {cands}")
             cfg = _TABLE[key] = cands[best]
         else:
-            cfg = default_config(op, dtype, block_d)
+            cfg = _nearest_tuned(key) or default_config(op, dtype, block_d)
     _launch(kernel, grid, args, meta, cfg)
 
 

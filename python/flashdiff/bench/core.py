@@ -2,6 +2,7 @@
 Skip, and the torch.compile budget keeper."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -89,6 +90,21 @@ def flashdiff_backends(device: str, wanted: Optional[Sequence[str]] = None) -> L
     native = ("cpu",) if device == "cpu" else ("triton", "cuda")
     names = list(wanted) if wanted else list(native)
     return [b for b in names if status.get(b) is None and (b in native or b == "reference")]
+
+
+@contextlib.contextmanager
+def triton_tuning(enabled: bool = True):
+    """Inside, a Triton attention key without a tuned config is tuned on its first launch
+    (flashdiff tune and the benchmarks time kernels at their best; a user's call never waits for
+    timing: triton_kernels/attention.py). A no-op when disabled or Triton does not load."""
+    ctx = None
+    if enabled:
+        from .. import _ext
+
+        module = _ext.load_triton()[0]
+        ctx = getattr(getattr(module, "attention", None), "tuning", None)
+    with (ctx() if ctx is not None else contextlib.nullcontext()):
+        yield
 
 
 def with_variants(op: str, backends: Sequence[str]) -> List[str]:

@@ -14,7 +14,7 @@ import torch
 from .. import presets as P
 from .cases import attention_cases, group_norm_cases, layer_norm_cases, rms_norm_cases, scheduler_cases
 from .core import (DTYPES, SCHEMA, BenchOptions, Case, Skip, _Compiler, _first_line, default_dtypes,
-                   flashdiff_backends)
+                   flashdiff_backends, triton_tuning)
 from .e2e import e2e_cases
 from .machine import machine_info
 from .report import write_json
@@ -161,25 +161,26 @@ def run(opts: BenchOptions) -> Dict[str, Any]:
     result["results"] = []
     ops_order = [op for op in opts.ops if any(c.op == op for c in cases)]
     op_deadline, current_op = math.inf, None
-    for i, case in enumerate(cases, 1):
-        if case.op != current_op:  # a new op family: its compile budget and its share of time
-            current_op = case.op
-            compiler.new_op()
-            if opts.time_budget_s is not None:
-                left = opts.time_budget_s - (time.perf_counter() - t_start)
-                op_deadline = time.perf_counter() + left / (len(ops_order) - ops_order.index(case.op))
-        if time.perf_counter() > op_deadline:
-            why = f"time budget spent (--time-budget {opts.time_budget_s:.0f} s, shared among the ops)"
-            result["results"] += [dict(op=case.op, preset=case.preset, batch=case.batch, case=case.label,
-                                       shape=case.shape, dtype=case.dtype, metric=case.metric,
-                                       backend=r.name, role=r.role, skipped=why) for r in case.rows]
-            continue
-        say(f"[{i}/{len(cases)}] {case.op} {case.preset} b{case.batch} {case.shape} {case.dtype}")
-        result["results"] += _run_case(case, device, opts, result["ceilings"], say)
-        result["compile_times_s"] = dict(compiler.times)
-        result["wall_s"] = round(time.perf_counter() - t_start, 1)
-        if opts.json_path:
-            write_json(result, opts.json_path)
+    with triton_tuning(device == "cuda"):  # Triton configs timed at first launch, as flashdiff tune does
+        for i, case in enumerate(cases, 1):
+            if case.op != current_op:  # a new op family: its compile budget and its share of time
+                current_op = case.op
+                compiler.new_op()
+                if opts.time_budget_s is not None:
+                    left = opts.time_budget_s - (time.perf_counter() - t_start)
+                    op_deadline = time.perf_counter() + left / (len(ops_order) - ops_order.index(case.op))
+            if time.perf_counter() > op_deadline:
+                why = f"time budget spent (--time-budget {opts.time_budget_s:.0f} s, shared among the ops)"
+                result["results"] += [dict(op=case.op, preset=case.preset, batch=case.batch, case=case.label,
+                                           shape=case.shape, dtype=case.dtype, metric=case.metric,
+                                           backend=r.name, role=r.role, skipped=why) for r in case.rows]
+                continue
+            say(f"[{i}/{len(cases)}] {case.op} {case.preset} b{case.batch} {case.shape} {case.dtype}")
+            result["results"] += _run_case(case, device, opts, result["ceilings"], say)
+            result["compile_times_s"] = dict(compiler.times)
+            result["wall_s"] = round(time.perf_counter() - t_start, 1)
+            if opts.json_path:
+                write_json(result, opts.json_path)
     result["compile_times_s"] = dict(compiler.times)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     if opts.json_path:

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import dispatch_table, presets as P
-from .core import DTYPES, EPS, _first_line
+from .core import DTYPES, EPS, _first_line, triton_tuning
 from .machine import git_commit
 from .timing import measure
 
@@ -269,6 +269,22 @@ def run_tune(quick: bool = False, device: Optional[str] = None, ops: Sequence[st
     bad = [op for op in ops if op not in TUNE_OPS]
     if bad:
         raise ValueError(f"op must be one of {TUNE_OPS}, got {bad}")
+    with triton_tuning(dev.type == "cuda"):  # Triton configs are tuned here, stored in the table
+        _tune_ops(table, ops, dtypes, quick, dev, presets, batches, time_budget_s, t0, out, g, say)
+    if table.get("skipped"):
+        say(f"time budget ({time_budget_s:.0f} s) spent: {len(table['skipped'])} classes not measured")
+    if install and dev.type == "cuda":
+        path = os.path.join(dispatch_table.cache_dir(),
+                            dispatch_table.table_filename(ident["name"], ident["capability"]))
+        _write(table, path)
+        dispatch_table.reload()
+        say(f"wrote {path} (auto uses it from now on)")
+    say(f"tune took {table['wall_s']} s")
+    return table
+
+
+def _tune_ops(table, ops, dtypes, quick, dev, presets, batches, time_budget_s, t0, out, g, say) -> None:
+    """The measuring loop of run_tune: each op gets a fair share of what is left of the budget."""
     for i, op in enumerate(ops):
         entries = table["entries"].setdefault(op, [])
         say(f"{op}:")
@@ -294,16 +310,6 @@ def run_tune(quick: bool = False, device: Optional[str] = None, ops: Sequence[st
         table["wall_s"] = round(time.perf_counter() - t0, 1)
         if out:
             _write(table, out)
-    if table.get("skipped"):
-        say(f"time budget ({time_budget_s:.0f} s) spent: {len(table['skipped'])} classes not measured")
-    if install and dev.type == "cuda":
-        path = os.path.join(dispatch_table.cache_dir(),
-                            dispatch_table.table_filename(ident["name"], ident["capability"]))
-        _write(table, path)
-        dispatch_table.reload()
-        say(f"wrote {path} (auto uses it from now on)")
-    say(f"tune took {table['wall_s']} s")
-    return table
 
 
 def _triton_configs() -> dict:
