@@ -250,10 +250,12 @@ def _versions() -> dict:
 def run_tune(quick: bool = False, device: Optional[str] = None, ops: Sequence[str] = TUNE_OPS,
              dtypes: Sequence[str] = ("bf16",), presets: Optional[Sequence[str]] = None,
              batches: Optional[Sequence[int]] = None, time_budget_s: Optional[float] = None,
-             out: Optional[str] = None, install: bool = True, say=None) -> dict:
+             out: Optional[str] = None, install: bool = True, say=None,
+             precompile_workers: Optional[int] = None) -> dict:
     """Measure and return the table; with `install`, write it to the user cache dir (CUDA)
     and make auto use it at once. `out`: also write it there (after every op, so a time-out
-    keeps what was measured)."""
+    keeps what was measured). On CUDA the Triton attention kernels are first compiled in
+    parallel by `precompile_workers` processes (default: one per core up to 16; 0: off)."""
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -269,6 +271,12 @@ def run_tune(quick: bool = False, device: Optional[str] = None, ops: Sequence[st
     bad = [op for op in ops if op not in TUNE_OPS]
     if bad:
         raise ValueError(f"op must be one of {TUNE_OPS}, got {bad}")
+    if dev.type == "cuda" and "attention" in ops and precompile_workers != 0 and _triton_loads():
+        from .precompile import precompile
+
+        # at most half the budget: what is not warmed by then, the tuner compiles itself
+        precompile(quick, dtypes, presets, batches, precompile_workers, say=say,
+                   time_budget_s=None if time_budget_s is None else time_budget_s / 2)
     with triton_tuning(dev.type == "cuda"):  # Triton configs are tuned here, stored in the table
         _tune_ops(table, ops, dtypes, quick, dev, presets, batches, time_budget_s, t0, out, g, say)
     if table.get("skipped"):
@@ -310,6 +318,12 @@ def _tune_ops(table, ops, dtypes, quick, dev, presets, batches, time_budget_s, t
         table["wall_s"] = round(time.perf_counter() - t0, 1)
         if out:
             _write(table, out)
+
+
+def _triton_loads() -> bool:
+    from .. import _ext
+
+    return _ext.load_triton()[0] is not None
 
 
 def _triton_configs() -> dict:

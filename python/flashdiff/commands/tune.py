@@ -33,6 +33,9 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop measuring new classes after S seconds (they are listed as skipped)")
     p.add_argument("--out", metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--precompile", type=int, default=None, metavar="N",
+                   help="compile the Triton attention configs in N worker processes before timing "
+                        "(default: one per core up to 16; 0: off)")
     p.add_argument("--no-install", action="store_true", help="do not write the table to the user cache dir")
     p.add_argument("--show", action="store_true", help="print which table auto uses on this GPU and exit")
     p.add_argument("--from-results", metavar="FILE",
@@ -91,7 +94,7 @@ def tune_main(args) -> int:
     try:
         table = tune.run_tune(quick=args.quick, device=args.device, ops=ops, dtypes=_split(args.dtype) or ["bf16"],
                               presets=_split(args.preset), batches=args.batch, time_budget_s=args.time_budget,
-                              out=args.out, install=not args.no_install)
+                              out=args.out, install=not args.no_install, precompile_workers=args.precompile)
     except (RuntimeError, ValueError) as err:
         print(f"flashdiff tune: {err}", file=sys.stderr)
         return 2
