@@ -23,6 +23,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V2 = "triton:v2"
 TMA = "triton:tma"
 VARIANTS = pytest.mark.parametrize("variant", [V2, TMA], ids=["ptr", "tma"])
+# On a GPU every case compiles its own specialisation (~1 s each): the bf16 cases carry the gpu
+# mark that benchmarks/device_run.sh selects; `pytest tests/test_attention_v2.py` runs them all.
+GPU_DTYPES = pytest.mark.parametrize("dtype", [
+    pytest.param(d, id=i, marks=[pytest.mark.gpu] if DEVICE == "cuda" and d is torch.bfloat16 else [])
+    for d, i in zip(DTYPES, DTYPE_IDS)])
 # the module (flashdiff.ops re-exports the function under the same name)
 ops_attention = importlib.import_module("flashdiff.ops.attention")
 
@@ -89,7 +94,7 @@ def test_head_dim_pieces():
 
 # ---------------------------------------------------------------- forward
 # (B, H, Sq, Skv): Sq != Skv everywhere; 33 and 65 are one past an interpreter block of 32
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@GPU_DTYPES
 @pytest.mark.parametrize("D, shape", [
     (40, (2, 2, 37, 33)), (72, (1, 2, 33, 65)), (80, (1, 1, 17, 33)), (96, (1, 2, 20, 64)),
     (160, (2, 1, 33, 31)), (32, (1, 2, 40, 1)), (64, (1, 2, 64, 65)), (128, (1, 1, 16, 24)),
@@ -101,7 +106,7 @@ def test_forward(D, shape, dtype, variant):
     _check(q, k, v, variant=variant)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@GPU_DTYPES
 @VARIANTS
 def test_key_padding_mask_with_fully_masked_row(dtype, variant):
     """Batch 0 keeps 20 of 45 keys (a block boundary inside the kept part), batch 1 none:
@@ -125,7 +130,7 @@ def test_mask_only_in_full_blocks(variant):
     _check(q, k, v, mask, label="mask-no-tail", variant=variant)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@GPU_DTYPES
 @VARIANTS
 def test_fused_qkv_views(dtype, variant):
     q, k, v = _qkv(2, 3, 33, 33, 40, dtype, fused=True)
@@ -165,7 +170,7 @@ def test_empty_and_keyless():
     assert o.shape == (1, 2, 0, 40)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@GPU_DTYPES
 @VARIANTS
 def test_nan_neighbours_are_never_read(dtype, variant):
     """K/V are views into larger buffers whose rows past Skv and columns past D hold NaN: the

@@ -140,6 +140,8 @@ def _cases(full):
             pieces = attention_v2.head_dim_pieces(d)
             dp = sum(pieces)
             for op, tma in ((attention_v2.OP, False), (attention_v2.OP_TMA, True)):
+                if tma and dtype == "float16":
+                    continue  # the same code as bf16 (the sweep's time goes to what differs)
                 cfg = attention.default_config(op, tdt, dp)
                 consts = dict(HEAD_D=d, D0=pieces[0], D1=pieces[1], D2=pieces[2], BLOCK_D=dp, NEG_SCALE=False,
                               HAS_MASK=True, DOT_F32=False, PRECISION=attention._precision(tdt),
