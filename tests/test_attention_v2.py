@@ -215,6 +215,28 @@ def test_tma_broadcast_and_size_one_dims():
     assert v2mod.tma_usable(q, one, one)
 
 
+@pytest.mark.parametrize("layout", [pytest.param(x, marks=[pytest.mark.gpu] if DEVICE == "cuda" else [])
+                                    for x in ("bhsd", "bshd", "sbhd", "b1h1")])
+def test_tma_any_storage_order(layout):
+    """The descriptor path takes [B, H, S, D], diffusers' [B, S, H, D] seen through a transpose,
+    sequence-first storage and size-1 dims alike (the descriptor carries the view's own strides)."""
+    v2mod, _ = _kernels()
+    B, H, S, D = (1, 1, 33, 40) if layout == "b1h1" else (2, 3, 33, 40)
+
+    def make():
+        if layout in ("bhsd", "b1h1"):
+            return torch.randn(B, H, S, D, device=DEVICE)
+        if layout == "bshd":
+            return torch.randn(B, S, H, D, device=DEVICE).transpose(1, 2)
+        return torch.randn(S, B, H, D, device=DEVICE).permute(1, 2, 0, 3)
+
+    q, k, v = make(), make(), make()
+    assert v2mod.tma_usable(q, k, v)
+    o, _ = _run_v2(q, k, v, None, 0.3, variant=TMA)
+    assert_close(o, reference.attention(q, k, v, None, 0.3, upcast=True),
+                 reference.attention(q, k, v, None, 0.3, upcast=False), f"tma {layout}")
+
+
 def test_tma_rejects_what_it_cannot_address():
     """The descriptor's rules: unit last stride, 16-byte multiple strides and base, 16-byte rows."""
     v2mod, _ = _kernels()
@@ -223,6 +245,8 @@ def test_tma_rejects_what_it_cannot_address():
     assert v2mod.tma_usable(q, ok, ok)
     odd_rows = torch.randn(1, 2, 8, 36, device=DEVICE, dtype=torch.float16)  # 72-byte rows
     assert not v2mod.tma_usable(q, odd_rows, odd_rows)
+    padded = torch.randn(1, 2, 8, 48, device=DEVICE, dtype=torch.float16)[..., :36]  # 96-byte stride, 72-byte rows
+    assert not v2mod.tma_usable(q, padded, padded)
     transposed = ok.transpose(2, 3)  # last dim not contiguous
     assert not v2mod.tma_usable(q, transposed, transposed)
     shifted = torch.randn(1 * 2 * 8 * 40 + 1, device=DEVICE, dtype=torch.float16)[1:].view(1, 2, 8, 40)
