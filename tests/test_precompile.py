@@ -61,3 +61,14 @@ def test_a_failing_task_reports_instead_of_raising(attention_kernels, monkeypatc
     task = next(t for t in precompile.tasks(quick=True, device="cpu", dtypes=["fp32"]) if t[2] == "triton:v2")
     label, impl, seconds, err = precompile.run_task(task)
     assert impl == "triton:v2" and "no such kernel today" in err and seconds >= 0
+
+
+def test_python_m_flashdiff_is_safe_to_spawn_from():
+    """Spawned workers (the precompile pool under `python -m flashdiff tune`) re-run the main
+    module as __mp_main__: that must import quietly, not start a second command line."""
+    import subprocess
+    import sys
+
+    code = "import runpy; runpy.run_module('flashdiff.__main__', run_name='__mp_main__'); print('imported')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stdout + proc.stderr
