@@ -130,10 +130,11 @@ step validate 60 tests.log python -m flashdiff validate --cases 1 --quiet --json
 # Graph capture first (the captured sampler, patch(cuda_graph=True), capture safety), then the
 # measured dispatch and the torch backend on CUDA tensors.
 # (validate already ran every backend, torch's included, on CUDA tensors.)
-# Then the variants written without a GPU (cuda:onepass, cuda:cross, triton:v2, triton:tma; their
+# Then the variants written without a GPU (cuda:onepass, cuda:cross, cuda:m128, triton:v2, triton:tma; their
 # bf16 cases), lse and merge.
 GPU_TESTS=$(ls tests/test_sampling.py tests/test_patch_graph.py tests/test_capture_safety.py \
     tests/test_group_norm_onepass.py tests/test_attention_cross.py tests/test_attention_v2.py \
+    tests/test_attention_m128.py \
     tests/test_attention_lse.py tests/test_dispatch_table.py 2>/dev/null)
 # shellcheck disable=SC2086
 step gpu-tests 110 tests.log python -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS || STATUS=1

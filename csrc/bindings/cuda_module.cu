@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -311,11 +312,14 @@ flashdiff::AttentionParams attention_params(const char* name, std::uintptr_t q, 
       k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s, o_stride_b, o_stride_h, o_stride_s,           \
       mask_stride_b, scale, dtype
 
-void attention_fwd(FD_ATTENTION_ARGS, std::uintptr_t stream) {
+void attention_fwd(FD_ATTENTION_ARGS, std::uintptr_t stream, int block_rows) {
   const flashdiff::AttentionParams p = attention_params("attention_fwd", FD_ATTENTION_PASS);
+  if (block_rows != 64 && block_rows != 128) {  // before any device work: a bad argument is named
+    throw std::invalid_argument("attention_fwd: block_rows must be 64 or 128, got " + std::to_string(block_rows));
+  }
   if (B == 0 || H == 0 || Sq == 0) return;
   DeviceGuard guard(p.o, "attention_fwd(o)");
-  flashdiff::cuda::attention_fwd(p, as_stream(stream));
+  flashdiff::cuda::attention_fwd(p, as_stream(stream), block_rows);
 }
 
 // attention_fwd's arguments; true when the cross-attention kernel ran, false (nothing launched)
@@ -358,8 +362,9 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_s"), py::arg("k_stride_b"),
         py::arg("k_stride_h"), py::arg("k_stride_s"), py::arg("v_stride_b"), py::arg("v_stride_h"),
         py::arg("v_stride_s"), py::arg("o_stride_b"), py::arg("o_stride_h"), py::arg("o_stride_s"),
-        py::arg("mask_stride_b"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
-        "FlashAttention-2 forward (fp16/bf16, head_dim <= 256); writes o and, if lse != 0, lse.");
+        py::arg("mask_stride_b"), py::arg("scale"), py::arg("dtype"), py::arg("stream"), py::arg("block_rows") = 64,
+        "FlashAttention-2 forward (fp16/bf16, head_dim <= 256); writes o and, if lse != 0, lse. block_rows: "
+        "query rows per CTA, 64 (4 warps) or 128 (8 warps; the variant cuda:m128).");
   m.def("attention_fwd_cross", &attention_fwd_cross, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
         py::arg("lse"), py::arg("key_padding_mask"), py::arg("B"), py::arg("H"), py::arg("Sq"), py::arg("Skv"),
         py::arg("D"), py::arg("q_stride_b"), py::arg("q_stride_h"), py::arg("q_stride_s"), py::arg("k_stride_b"),

@@ -46,7 +46,7 @@ void group_norm_fwd(const GroupNormParams& p, cudaStream_t stream);
 // of 8 CTAs' shared memory): the caller then runs group_norm_fwd. Empty input: true, no launch.
 bool group_norm_fwd_onepass(const GroupNormParams& p, cudaStream_t stream);
 
-void attention_fwd(const AttentionParams& p, cudaStream_t stream);
+void attention_fwd(const AttentionParams& p, cudaStream_t stream, int block_rows = 64);
 
 // Cross-attention for short key sets (attention_cross.cu): K and V of a (batch, head) held in
 // shared memory, one softmax pass without rescaling. Same parameters as attention_fwd. Returns

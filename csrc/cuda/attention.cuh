@@ -15,8 +15,9 @@ namespace cuda {
 // columns p.D..kHeadDim-1 are zero-filled on load and never stored. vec_ok: every pointer is
 // 16-byte aligned and D and every row/head/batch stride is a multiple of 8 elements, so tiles
 // move with 16-byte cp.async; otherwise the kernel falls back to element loads and stores.
+// block_rows: query rows per CTA, 64 (4 warps) or 128 (8 warps).
 template <typename T, int kHeadDim>
-void run_attention_fwd(const AttentionParams& p, bool vec_ok, cudaStream_t stream);
+void run_attention_fwd(const AttentionParams& p, bool vec_ok, cudaStream_t stream, int block_rows);
 
 // The vec_ok above for p (also the cross-attention kernel's, attention_cross.cu).
 inline bool attention_vec_ok(const AttentionParams& p) {

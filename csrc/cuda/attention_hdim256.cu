@@ -4,7 +4,7 @@
 
 namespace flashdiff {
 namespace cuda {
-template void run_attention_fwd<__half, 256>(const AttentionParams&, bool, cudaStream_t);
-template void run_attention_fwd<__nv_bfloat16, 256>(const AttentionParams&, bool, cudaStream_t);
+template void run_attention_fwd<__half, 256>(const AttentionParams&, bool, cudaStream_t, int);
+template void run_attention_fwd<__nv_bfloat16, 256>(const AttentionParams&, bool, cudaStream_t, int);
 }  // namespace cuda
 }  // namespace flashdiff

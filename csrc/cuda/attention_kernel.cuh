@@ -1,14 +1,16 @@
 // FlashAttention-2-style forward kernel on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
 // fp32 accumulate). Included by attention_hdim*.cu and attention_cross.cu.
 //
-// One block = 4 warps = 64 query rows of one (batch, head); each warp owns 16 rows end to end
-// (its rows of Q, S = Q·Kᵀ, P, O), so warps only meet at the shared K and V tiles.
+// One block = kWarps warps (4 or 8) = 64 or 128 query rows of one (batch, head); each warp owns
+// 16 rows end to end (its rows of Q, S = Q·Kᵀ, P, O), so warps only meet at the shared K and V
+// tiles. 128 rows (variant "cuda:m128") copy each K/V tile into shared memory once per 128 query
+// rows instead of 64: half the K/V traffic from L2, the same registers per thread.
 // Per key block of kBlockN rows:
 //   wait K_j, sync → issue cp.async V_j → S = Q·K_jᵀ (ldmatrix + mma) → scale, mask, online
 //   softmax in fp32 with exp2 → wait V_j, sync → issue cp.async K_{j+1} → O += P·V_j.
 // so the V load overlaps Q·Kᵀ and the next K load overlaps P·V (FA2's single-buffer schedule).
 //
-// Work: 4·B·H·Sq·Skv·D FLOPs; memory: Q, O once, K and V once per 64-row query block.
+// Work: 4·B·H·Sq·Skv·D FLOPs; memory: Q, O once, K and V once per query block (64 or 128 rows).
 // Shared memory rows are padded by 8 elements (16 bytes), which makes the 8 row addresses of
 // every ldmatrix fall in distinct bank groups (no conflicts) without a swizzle.
 //
@@ -27,9 +29,6 @@ namespace flashdiff {
 namespace cuda {
 namespace attn {
 
-constexpr int kNWarps = 4;
-constexpr int kThreads = kNWarps * 32;
-constexpr int kBlockM = 16 * kNWarps;
 constexpr int kPad = 8;
 
 // ------------------------------------------------------------------ PTX wrappers
@@ -120,8 +119,8 @@ __device__ __forceinline__ void load_rows(T* smem, const T* gmem, int64_t row_st
   }
 }
 
-// load_rows for a compile-time row count and this kernel's block of kThreads.
-template <typename T, int kRows, int kHeadDim>
+// load_rows for a compile-time row count and a block of kThreads.
+template <typename T, int kRows, int kHeadDim, int kThreads>
 __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int64_t rows_valid, int D,
                                           bool vec_ok) {
   load_rows<T, kHeadDim, kThreads>(smem, gmem, row_stride, kRows, rows_valid, D, vec_ok);
@@ -219,10 +218,14 @@ __device__ __forceinline__ void finish_warp_rows(const AttentionParams& p, int64
 }
 
 // ------------------------------------------------------------------ kernel
-// Grid: (ceil(Sq / kBlockM), H, B). Dynamic shared memory: (kBlockM + 2·kBlockN) rows.
-template <typename T, int kHeadDim, int kBlockN>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p, const bool vec_ok) {
+// Grid: (ceil(Sq / kBlockM), H, B), kBlockM = 16·kWarps. Dynamic shared memory: (kBlockM +
+// 2·kBlockN) rows.
+template <typename T, int kHeadDim, int kBlockN, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) attention_fwd_kernel(const AttentionParams p, const bool vec_ok) {
   static_assert(kHeadDim % 32 == 0 && kBlockN % 16 == 0, "tile shapes");
+  static_assert(kWarps == 4 || kWarps == 8, "64- or 128-row blocks");
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kBlockM = 16 * kWarps;
   constexpr int kStride = kHeadDim + kPad;
   constexpr int kNTiles = kBlockN / 8;   // n-tiles of S per warp
   constexpr int kDTiles = kHeadDim / 8;  // n-tiles of O per warp
@@ -244,8 +247,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const float scale_log2 = p.scale * 1.4426950408889634f;  // exp(x·scale) = exp2(x·scale·log2 e)
   const int64_t n_blocks = (p.Skv + kBlockN - 1) / kBlockN;
 
-  load_tile<T, kBlockM, kHeadDim>(sQ, q, p.q_stride_s, p.Sq - m0, D, vec_ok);
-  if (n_blocks > 0) load_tile<T, kBlockN, kHeadDim>(sK, k, p.k_stride_s, p.Skv, D, vec_ok);
+  load_tile<T, kBlockM, kHeadDim, kThreads>(sQ, q, p.q_stride_s, p.Sq - m0, D, vec_ok);
+  if (n_blocks > 0) load_tile<T, kBlockN, kHeadDim, kThreads>(sK, k, p.k_stride_s, p.Skv, D, vec_ok);
   cp_async_commit();
 
   float acc_o[kDTiles][4];
@@ -260,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     const int64_t n0 = nb * kBlockN;
     cp_async_wait_all();
     __syncthreads();  // K_nb (and Q) landed; every warp is done with V_{nb-1}
-    load_tile<T, kBlockN, kHeadDim>(sV, v + n0 * p.v_stride_s, p.v_stride_s, p.Skv - n0, D, vec_ok);
+    load_tile<T, kBlockN, kHeadDim, kThreads>(sV, v + n0 * p.v_stride_s, p.v_stride_s, p.Skv - n0, D, vec_ok);
     cp_async_commit();
 
     // ---- S = Q · K^T  (16 x kBlockN per warp)
@@ -328,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     cp_async_wait_all();
     __syncthreads();  // V_nb landed; every warp is done with K_nb
     if (nb + 1 < n_blocks) {
-      load_tile<T, kBlockN, kHeadDim>(sK, k + (n0 + kBlockN) * p.k_stride_s, p.k_stride_s, p.Skv - n0 - kBlockN, D,
+      load_tile<T, kBlockN, kHeadDim, kThreads>(sK, k + (n0 + kBlockN) * p.k_stride_s, p.k_stride_s, p.Skv - n0 - kBlockN, D,
                                       vec_ok);
     }
     cp_async_commit();
@@ -360,20 +363,32 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 
 }  // namespace attn
 
-// Block shape per bucket: 64 query rows; 64 keys per step up to D = 160, 32 above (keeps the
-// fp32 O accumulator + S tile within the register file and shared memory under ~68 KB).
-template <typename T, int kHeadDim>
-void run_attention_fwd(const AttentionParams& p, bool vec_ok, cudaStream_t stream) {
+// Block shape per bucket: 64 or 128 query rows (kWarps 4 or 8); 64 keys per step up to
+// D = 160, 32 above (keeps the fp32 O accumulator + S tile within the register file). Shared
+// memory (kBlockM + 2·kBlockN)·(kHeadDim + 8)·2 B: 34 KB at hd 128 with 64 rows, 70 KB with 128;
+// at most 101 KB (hd 256, 128 rows), within sm_80's 163 KB.
+template <typename T, int kHeadDim, int kWarps>
+void launch_attention_fwd(const AttentionParams& p, bool vec_ok, cudaStream_t stream) {
   constexpr int kBlockN = kHeadDim <= 160 ? 64 : 32;
-  constexpr size_t kSmem = static_cast<size_t>(attn::kBlockM + 2 * kBlockN) * (kHeadDim + attn::kPad) * sizeof(T);
-  auto kernel = attn::attention_fwd_kernel<T, kHeadDim, kBlockN>;
+  constexpr int kBlockM = 16 * kWarps;
+  constexpr size_t kSmem = static_cast<size_t>(kBlockM + 2 * kBlockN) * (kHeadDim + attn::kPad) * sizeof(T);
+  auto kernel = attn::attention_fwd_kernel<T, kHeadDim, kBlockN, kWarps>;
   if (kSmem > 48 * 1024) {
     FD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.Sq, attn::kBlockM)), static_cast<unsigned>(p.H),
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.Sq, kBlockM)), static_cast<unsigned>(p.H),
                   static_cast<unsigned>(p.B));
-  kernel<<<grid, attn::kThreads, kSmem, stream>>>(p, vec_ok);
+  kernel<<<grid, kWarps * 32, kSmem, stream>>>(p, vec_ok);
   FD_CHECK_LAUNCH("attention_fwd_kernel");
+}
+
+template <typename T, int kHeadDim>
+void run_attention_fwd(const AttentionParams& p, bool vec_ok, cudaStream_t stream, int block_rows) {
+  if (block_rows == 128) {
+    launch_attention_fwd<T, kHeadDim, 8>(p, vec_ok, stream);
+  } else {
+    launch_attention_fwd<T, kHeadDim, 4>(p, vec_ok, stream);
+  }
 }
 
 }  // namespace cuda

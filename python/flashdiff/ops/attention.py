@@ -306,6 +306,21 @@ def _cuda_fwd(q, k, v, attn_mask, scale, need_lse=False):
     return o, lse
 
 
+def _cuda_m128_fwd(q, k, v, attn_mask, scale, need_lse=False):
+    """Variant "cuda:m128": the FA2 kernel with 128 query rows per CTA (8 warps of 16 rows)
+    instead of 64, so each K/V tile is copied into shared memory once per 128 query rows (half
+    the K/V traffic from L2; the same registers per thread). Written without a GPU at hand: a
+    table choice only, as "cuda:cross"."""
+    module = _ext.load_cuda()[0]
+    if "block_rows" not in (module.attention_fwd.__doc__ or ""):
+        raise RuntimeError("this build of flashdiff._cuda has no attention_fwd(block_rows=): rebuild it")
+    o, lse, args, keep = _cuda_launch_args(q, k, v, attn_mask, scale)
+    with torch.cuda.device(q.device):
+        module.attention_fwd(*args, block_rows=128)
+    del keep
+    return o, lse
+
+
 def _cuda_cross_fwd(q, k, v, attn_mask, scale, need_lse=False):
     """Variant "cuda:cross" (csrc/cuda/attention_cross.cu): cross-attention over a short key set
     (text context, e.g. SD's 77 tokens). Each CTA of 64 or 128 query rows holds the whole K and V
@@ -340,6 +355,7 @@ _dispatch.register_variant("triton", "v2", _triton_v2_fwd)
 _dispatch.register_variant("triton", "tma", _triton_tma_fwd)
 _dispatch.register("cuda", _cuda_fwd, _cuda_supports)
 _dispatch.register_variant("cuda", "cross", _cuda_cross_fwd)
+_dispatch.register_variant("cuda", "m128", _cuda_m128_fwd)
 register_op(_dispatch, _resolve)
 
 
