@@ -47,8 +47,9 @@ this module's candidate lists registered under the op names "fwd_v2" and "fwd_tm
 
 Warp specialization: not used. With Triton 3.6 (the GPU machines' version) an offline sm_90
 compile of this online-softmax loop with `tl.range(..., warp_specialize=True)` fails in the
-NVGPUWarpSpecialization pass (an assertion in WSLowerToken.cpp; 2026-12-01, both the pointer-
-and the descriptor-loaded loop), so the sm_90 overlap comes from TMA + mbarrier pipelining only.
+NVGPUWarpSpecialization pass (an assertion in WSLowerToken.cpp; 2026-12-01, a probe of this loop
+with device-side and with host-side descriptors), so the sm_90 overlap comes from TMA + mbarrier
+pipelining only.
 """
 from __future__ import annotations
 
