@@ -473,8 +473,8 @@ def _tile_span_ok(t: torch.Tensor, rows: int) -> bool:
 def attention_fwd_v2(q, k, v, key_padding_mask=None, scale=None, out=None, tma=False):
     """o = softmax(q kᵀ · scale) v per (batch, head) → (o [B, H, Sq, D] contiguous, lse fp32
     [B, H, Sq]); the contract of attention.attention_fwd. `out` = (o, lse) preallocated (the
-    ops layer passes its poisonable buffers) or None. tma=True loads K and V through tensor
-    descriptors where tma_usable(q, k, v) (else, in the same call, the pointer path).
+    ops layer passes its poisonable buffers) or None. tma=True reads Q, K, V and writes O through
+    tensor descriptors where tma_usable(q, k, v) (else, in the same call, the pointer path).
 
     q [B, H, Sq, D], k/v [B, H, Skv, D] in fp16/bf16/fp32 with any strides (nothing is copied
     unless a key row stride is so large that BLOCK_N rows span 2^31 elements);
