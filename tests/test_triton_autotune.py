@@ -289,3 +289,16 @@ def test_attention_fwd_candidates_survive_tutorial_prune(d, dtype):
     cands = tk_attention._CANDIDATES["fwd"][tk_attention._tier(d, dtype)]
     for c in cands:
         assert not (c["num_warps"] == 8 and c["BLOCK_M"] * c["BLOCK_N"] < 128 * 128), c
+
+
+def test_attention_nearest_config_follows_a_replaced_table(table, timings, launched, monkeypatch):
+    """Replacing the table with one of the same size (another GPU's configs, a reloaded dispatch
+    table) must not leave the nearest-config memo answering from the old one."""
+    monkeypatch.delenv("FLASHDIFF_AUTOTUNE")
+    first, second = tk_attention._cfg(16, 16, 4, 1), tk_attention._cfg(32, 16, 4, 1)
+    q, k, v, _ = _inputs(200, 24)  # q256: no exact key below
+    tk_attention.load_tuned_configs({"fwd:float32:d32:nomask:q128:kv64": first}, replace=True)
+    _fwd_checked(q, k, v)
+    tk_attention.load_tuned_configs({"fwd:float32:d32:nomask:q128:kv64": second}, replace=True)
+    _fwd_checked(q, k, v)
+    assert launched == [first, second]

@@ -419,6 +419,7 @@ def load_tuned_configs(d: dict, replace: bool = False) -> None:
     if replace:
         _TABLE.clear()
     _TABLE.update(checked)
+    _TABLE_WRITES[0] += 1
 
 
 def default_config(op: str, dtype: torch.dtype, head_dim: int) -> dict:
@@ -469,13 +470,14 @@ def autotune_allowed() -> bool:
 
 _NEAREST: dict = {}  # key -> nearest tuned config (memo; dropped whenever _TABLE changes)
 _NEAREST_STAMP: list = [None]
+_TABLE_WRITES = [0]  # bumped by every write through this module (a replace keeps id and size)
 
 
 def _nearest_tuned(key: str):
     """The config of the tuned key nearest to `key`: same op, dtype, head-dim bucket and mask,
     the smallest sum of log2 distances of the Sq and Skv buckets (ties: the larger buckets,
     whose tiles are the safer guess for long sequences); None when no such key is tuned."""
-    stamp = (id(_TABLE), len(_TABLE))
+    stamp = (id(_TABLE), len(_TABLE), _TABLE_WRITES[0])
     if _NEAREST_STAMP[0] != stamp:
         _NEAREST.clear()
         _NEAREST_STAMP[0] = stamp
@@ -533,6 +535,7 @@ def _run(op, kernel, grid, args, meta, dtype, sq, skv) -> None:
             if math.isinf(times[best]):
                 raise RuntimeError(f"attention {key}: no candidate config fits this GPU: {cands}")
             cfg = _TABLE[key] = cands[best]
+            _TABLE_WRITES[0] += 1
         else:
             cfg = _nearest_tuned(key) or default_config(op, dtype, block_d)
     _launch(kernel, grid, args, meta, cfg)
