@@ -25,7 +25,8 @@ DTYPE_IDS = ["fp16", "bf16"]
 
 # ------------------------------------------------------------------ CPU: registration, binding
 def test_registered_as_a_variant_of_cuda():
-    assert REGISTRY["attention"][0].impls["cuda:m128"] is attn_mod._cuda_m128_fwd
+    impl = REGISTRY["attention"][0].impls["cuda:m128"]
+    assert impl.func is attn_mod._cuda_fwd and impl.keywords == {"block_rows": 128}
 
 
 def test_binding_takes_block_rows_and_names_a_bad_one():

@@ -3,7 +3,7 @@
 On a GPU its worker processes fill Triton's compile cache; here the same task runs inline under
 the interpreter (device "cpu", the tiny preset): every Triton attention variant of a class is
 launched once per candidate config and once more with the chosen one, nothing is timed, and the
-caller's config table and timing function are left as they were.
+caller's config table is left as it was and the warm-up's tuning context is closed.
 """
 import importlib
 
@@ -37,7 +37,6 @@ def test_a_task_launches_every_candidate_untimed_and_restores_the_table(attentio
     real_launch = attention_kernels._launch
     monkeypatch.setattr(attention_kernels, "_launch",
                         lambda kernel, grid, args, meta, cfg: launches.append(cfg) or real_launch(kernel, grid, args, meta, cfg))
-    real_time_config = attention_kernels._time_config
     todo = [t for t in precompile.tasks(quick=True, device="cpu", dtypes=["fp32"]) if t[0] == 0]
     try:
         done = [precompile.run_task(t) for t in todo]
@@ -47,7 +46,7 @@ def test_a_task_launches_every_candidate_untimed_and_restores_the_table(attentio
     assert [err for *_, err in done] == [None] * len(todo), done
     # the interpreter has one candidate per key: the warm-up launch, then the chosen config's launch
     assert len(launches) == 2 * len(todo)
-    assert attention_kernels._time_config is real_time_config
+    assert not attention_kernels._TUNING  # the warm-up's tuning() context is closed
     assert table_after == seeded  # warm-up choices are not recorded as measurements
 
 

@@ -445,18 +445,20 @@ def _capturing() -> bool:
         return False
 
 
-_TUNING = [0]  # depth of nested tuning() contexts
+_TUNING: list = []  # the timers of the open tuning() contexts, innermost last
 
 
 @contextlib.contextmanager
-def tuning():
+def tuning(timer=None):
     """Within this context a key without a config is tuned on its first launch (flashdiff tune
-    and the benchmarks time kernels here; a user's call never waits for tuning)."""
-    _TUNING[0] += 1
+    and the benchmarks time kernels here; a user's call never waits for tuning). timer(launch)
+    -> milliseconds replaces the timing (None: _time_config); flashdiff tune's precompile passes
+    one that launches once, which compiles each candidate without timing it."""
+    _TUNING.append(timer)
     try:
         yield
     finally:
-        _TUNING[0] -= 1
+        _TUNING.pop()
 
 
 def autotune_allowed() -> bool:
@@ -464,7 +466,7 @@ def autotune_allowed() -> bool:
     FLASHDIFF_AUTOTUNE=1, unless FLASHDIFF_AUTOTUNE=0; never during CUDA-graph capture (timing
     synchronises, which capture forbids) nor while torch.compile traces."""
     env = os.environ.get("FLASHDIFF_AUTOTUNE")
-    wanted = env == "1" or (env != "0" and _TUNING[0] > 0)
+    wanted = env == "1" or (env != "0" and bool(_TUNING))
     return wanted and not torch.compiler.is_compiling() and not _capturing()
 
 
@@ -530,7 +532,8 @@ def _run(op, kernel, grid, args, meta, dtype, sq, skv) -> None:
     if cfg is None:
         if autotune_allowed():
             cands = _candidates(op, dtype, block_d)
-            times = [_time_config(lambda c=c: _launch(kernel, grid, args, meta, c)) for c in cands]
+            timer = (_TUNING[-1] if _TUNING else None) or _time_config
+            times = [timer(lambda c=c: _launch(kernel, grid, args, meta, c)) for c in cands]
             best = min(range(len(cands)), key=times.__getitem__)
             if math.isinf(times[best]):
                 raise RuntimeError(f"attention {key}: no candidate config fits this GPU: {cands}")

@@ -278,7 +278,31 @@ def run_tune(quick: bool = False, device: Optional[str] = None, ops: Sequence[st
         precompile(quick, dtypes, presets, batches, precompile_workers, say=say,
                    time_budget_s=None if time_budget_s is None else time_budget_s / 2)
     with triton_tuning(dev.type == "cuda"):  # Triton configs are tuned here, stored in the table
-        _tune_ops(table, ops, dtypes, quick, dev, presets, batches, time_budget_s, t0, out, g, say)
+        for i, op in enumerate(ops):
+            entries = table["entries"].setdefault(op, [])
+            say(f"{op}:")
+            deadline = math.inf  # each op gets a fair share of what is left of the budget
+            if time_budget_s is not None:
+                left = time_budget_s - (time.perf_counter() - t0)
+                deadline = time.perf_counter() + left / (len(ops) - i)
+            for dt in dtypes:
+                for label, make in shape_classes(op, quick, dev.type, presets, batches):
+                    if time.perf_counter() > deadline:
+                        table.setdefault("skipped", []).append(f"{op} {label} {dt}: time budget spent")
+                        continue
+                    try:
+                        inp = make(DTYPES[dt], dev, g)
+                    except RuntimeError as err:  # out of memory on a small card
+                        say(f"  {label}: skipped ({_first_line(err)})")
+                        continue
+                    entries.append(tune_class(op, f"{label} {dt}", inp, dev, quick, say))
+                    del inp
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+            table["triton_configs"] = _triton_configs()
+            table["wall_s"] = round(time.perf_counter() - t0, 1)
+            if out:
+                _write(table, out)
     if table.get("skipped"):
         say(f"time budget ({time_budget_s:.0f} s) spent: {len(table['skipped'])} classes not measured")
     if install and dev.type == "cuda":
@@ -289,35 +313,6 @@ def run_tune(quick: bool = False, device: Optional[str] = None, ops: Sequence[st
         say(f"wrote {path} (auto uses it from now on)")
     say(f"tune took {table['wall_s']} s")
     return table
-
-
-def _tune_ops(table, ops, dtypes, quick, dev, presets, batches, time_budget_s, t0, out, g, say) -> None:
-    """The measuring loop of run_tune: each op gets a fair share of what is left of the budget."""
-    for i, op in enumerate(ops):
-        entries = table["entries"].setdefault(op, [])
-        say(f"{op}:")
-        deadline = math.inf  # each op gets a fair share of what is left of the budget
-        if time_budget_s is not None:
-            left = time_budget_s - (time.perf_counter() - t0)
-            deadline = time.perf_counter() + left / (len(ops) - i)
-        for dt in dtypes:
-            for label, make in shape_classes(op, quick, dev.type, presets, batches):
-                if time.perf_counter() > deadline:
-                    table.setdefault("skipped", []).append(f"{op} {label} {dt}: time budget spent")
-                    continue
-                try:
-                    inp = make(DTYPES[dt], dev, g)
-                except RuntimeError as err:  # out of memory on a small card
-                    say(f"  {label}: skipped ({_first_line(err)})")
-                    continue
-                entries.append(tune_class(op, f"{label} {dt}", inp, dev, quick, say))
-                del inp
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-        table["triton_configs"] = _triton_configs()
-        table["wall_s"] = round(time.perf_counter() - t0, 1)
-        if out:
-            _write(table, out)
 
 
 def _triton_loads() -> bool:

@@ -17,6 +17,7 @@ lse is differentiable: its gradient g enters the backward as delta − g (dS = P
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Optional
@@ -258,25 +259,17 @@ def _triton_fwd(q, k, v, attn_mask, scale, need_lse=False):
     return _ext.load_triton()[0].attention.attention_fwd(q, k, v, kpm, scale)
 
 
-def _triton_v2_fwd(q, k, v, attn_mask, scale, need_lse=False):
+def _triton_v2_fwd(q, k, v, attn_mask, scale, need_lse=False, tma=False):
     """The v2 Triton forward (head-dim pieces, peeled tail; triton_kernels/attention_v2.py). A
-    dispatch-table variant only: same supports() and backward as "triton" (lse convention equal)."""
+    dispatch-table variant only: same supports() and backward as "triton" (lse convention equal).
+    tma=True is the variant "triton:tma": Q/K/V/O through tensor descriptors (TMA on sm_90+);
+    inputs TMA cannot address (16-byte alignment, a GPU before sm_90) run the pointer path in the
+    same call."""
     B, H, Sq, _ = q.shape
     kpm = key_padding_mask(attn_mask, B, k.shape[2])
     out = (new_empty(q, (B, H, Sq, v.shape[-1])), new_empty(q, (B, H, Sq), torch.float32))
     module = importlib.import_module(_ext.load_triton()[0].__name__ + ".attention_v2")
-    return module.attention_fwd_v2(q, k, v, kpm, scale, out=out)
-
-
-def _triton_tma_fwd(q, k, v, attn_mask, scale, need_lse=False):
-    """Variant "triton:tma": the v2 forward with K/V loaded through tensor descriptors (TMA on
-    sm_90+; triton_kernels/attention_v2.py). Inputs TMA cannot address (16-byte alignment, a GPU
-    before sm_90) run the pointer path in the same call. A table choice only, as "triton:v2"."""
-    B, H, Sq, _ = q.shape
-    kpm = key_padding_mask(attn_mask, B, k.shape[2])
-    out = (new_empty(q, (B, H, Sq, v.shape[-1])), new_empty(q, (B, H, Sq), torch.float32))
-    module = importlib.import_module(_ext.load_triton()[0].__name__ + ".attention_v2")
-    return module.attention_fwd_v2(q, k, v, kpm, scale, out=out, tma=True)
+    return module.attention_fwd_v2(q, k, v, kpm, scale, out=out, tma=tma)
 
 
 def _cuda_launch_args(q, k, v, attn_mask, scale):
@@ -297,27 +290,21 @@ def _cuda_launch_args(q, k, v, attn_mask, scale):
     return o, lse, args, (q, k, v, kpm)
 
 
-def _cuda_fwd(q, k, v, attn_mask, scale, need_lse=False):
+def _cuda_fwd(q, k, v, attn_mask, scale, need_lse=False, block_rows=64):
+    """The FA2 CUDA kernel, 64 query rows per CTA. block_rows=128 is the variant "cuda:m128":
+    8 warps of 16 rows, so each K/V tile is copied into shared memory once per 128 query rows
+    (half the K/V traffic from L2; the same registers per thread). Written without a GPU at hand:
+    a table choice only, as "cuda:cross"."""
     module = _ext.load_cuda()[0]
+    rows = {}  # the default is the binding's own: builds from before block_rows still serve it
+    if block_rows != 64:
+        if "block_rows" not in (module.attention_fwd.__doc__ or ""):
+            raise RuntimeError("this build of flashdiff._cuda has no attention_fwd(block_rows=): rebuild it")
+        rows = {"block_rows": block_rows}
     o, lse, args, keep = _cuda_launch_args(q, k, v, attn_mask, scale)
     with torch.cuda.device(q.device):
-        module.attention_fwd(*args)
+        module.attention_fwd(*args, **rows)
     del keep  # queued on the stream: the caching allocator reuses the memory in stream order
-    return o, lse
-
-
-def _cuda_m128_fwd(q, k, v, attn_mask, scale, need_lse=False):
-    """Variant "cuda:m128": the FA2 kernel with 128 query rows per CTA (8 warps of 16 rows)
-    instead of 64, so each K/V tile is copied into shared memory once per 128 query rows (half
-    the K/V traffic from L2; the same registers per thread). Written without a GPU at hand: a
-    table choice only, as "cuda:cross"."""
-    module = _ext.load_cuda()[0]
-    if "block_rows" not in (module.attention_fwd.__doc__ or ""):
-        raise RuntimeError("this build of flashdiff._cuda has no attention_fwd(block_rows=): rebuild it")
-    o, lse, args, keep = _cuda_launch_args(q, k, v, attn_mask, scale)
-    with torch.cuda.device(q.device):
-        module.attention_fwd(*args, block_rows=128)
-    del keep
     return o, lse
 
 
@@ -352,10 +339,10 @@ for _variant, _sdpa_name in SDPA_VARIANTS.items():
     _dispatch.register_variant("torch", _variant, _sdpa_variant(_sdpa_name))
 _dispatch.register("triton", _triton_fwd, _triton_supports)
 _dispatch.register_variant("triton", "v2", _triton_v2_fwd)
-_dispatch.register_variant("triton", "tma", _triton_tma_fwd)
+_dispatch.register_variant("triton", "tma", functools.partial(_triton_v2_fwd, tma=True))
 _dispatch.register("cuda", _cuda_fwd, _cuda_supports)
 _dispatch.register_variant("cuda", "cross", _cuda_cross_fwd)
-_dispatch.register_variant("cuda", "m128", _cuda_m128_fwd)
+_dispatch.register_variant("cuda", "m128", functools.partial(_cuda_fwd, block_rows=128))
 register_op(_dispatch, _resolve)
 
 
